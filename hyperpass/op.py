@@ -1,0 +1,222 @@
+"""``torch.ops.hyperpass.hyper_attention``: the op the compiler pass rewrites attention into.
+
+SDPA-shaped (``q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa``) plus the fields of
+:class:`~hyperpass.config.HyperConfig`, whose defaults it takes. Registered once, when this module is
+imported, with a fake implementation (symbolic shapes), autograd (through a second op that
+computes the gradients), and a run-time dispatch: calls the approximation cannot serve go to exact
+``F.scaled_dot_product_attention``, so they compute what the un-rewritten model computes.
+
+The CPU implementation is the reference; CUDA tensors go to the Triton kernels when
+``hyperpass.kernels`` can serve them (imported lazily, so importing this module never imports
+Triton), else to the reference. Must not import the compiler pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from hyperpass import config as _config
+from hyperpass.config import HyperConfig
+from hyperpass.reference import hyper_attention_reference
+
+log = logging.getLogger("hyperpass")
+
+_SDPA_ARGS = (
+    "Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float dropout_p=0.0, "
+    "bool is_causal=False, float? scale=None, bool enable_gqa=False"
+)
+_SCHEMA_TYPES = {int: "int", str: "str"}
+APPROX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _param_schema() -> str:
+    parts = []
+    for name, default in _config.DEFAULT.as_dict().items():
+        literal = f'"{default}"' if isinstance(default, str) else str(default)
+        parts.append(f"{_SCHEMA_TYPES[type(default)]} {name}={literal}")
+    return ", ".join(parts)
+
+
+FORWARD_SCHEMA = f"({_SDPA_ARGS}, {_param_schema()}) -> Tensor"
+BACKWARD_SCHEMA = f"(Tensor grad_out, {_SDPA_ARGS}, {_param_schema()}) -> (Tensor, Tensor, Tensor)"
+
+
+# ----------------------------------------------------------------------------- dispatch
+def skip_reason(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    enable_gqa: bool,
+    cfg: HyperConfig,
+) -> str | None:
+    """Why this call must be exact (a short reason), or None when it is approximated.
+
+    Shared by the op's run-time dispatch and by the compiler pass's report.
+    """
+    if attn_mask is not None:
+        return "attention mask the approximation cannot serve"
+    if dropout_p > 0.0:
+        return "dropout"
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        return "not 4-D [B, H, N, D]"
+    if q.dtype not in APPROX_DTYPES:
+        return f"dtype {q.dtype}"
+    nq, nk = q.shape[-2], k.shape[-2]
+    if q.shape[1] != k.shape[1] and (not enable_gqa or q.shape[1] % k.shape[1]):
+        return "query heads do not match KV heads (and enable_gqa is off)"
+    if is_causal and nq != nk:
+        return f"causal with Nq={nq} != Nk={nk} (decode or chunked prefill)"
+    if min(nq, nk) < cfg.min_len:
+        return f"sequence {min(nq, nk)} shorter than min_len={cfg.min_len}"
+    return None
+
+
+def _exact(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    kwargs = {"enable_gqa": True} if enable_gqa else {}
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        **kwargs,
+    )
+
+
+def _kernel_module():
+    """The Triton kernels for CUDA tensors, or None where they cannot be imported."""
+    try:
+        from hyperpass import kernels
+    except ImportError as err:  # no Triton, or no kernels in this build
+        log.debug("hyperpass.kernels unavailable (%s); CUDA inputs use the reference", err)
+        return None
+    return kernels if hasattr(kernels, "hyper_attention_forward") else None
+
+
+def _approximate(q, k, v, is_causal, scale, cfg):
+    kernels = _kernel_module() if q.is_cuda else None
+    if kernels is not None and kernels.unsupported_reason(q, k, v, is_causal, cfg) is None:
+        return kernels.hyper_attention_forward(
+            q, k, v, is_causal=is_causal, scale=scale, config=cfg
+        )[0]
+    return hyper_attention_reference(q, k, v, is_causal=is_causal, scale=scale, config=cfg)[0]
+
+
+def _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, params) -> Tensor:
+    cfg = HyperConfig(*params)
+    reason = skip_reason(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg)
+    if reason is not None:
+        return _exact(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return _approximate(q, k, v, is_causal, scale, cfg)
+
+
+# ----------------------------------------------------------------------------- the ops
+@torch.library.custom_op("hyperpass::hyper_attention", mutates_args=(), schema=FORWARD_SCHEMA)
+def _hyper_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *params):
+    out = _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, params)
+    return out.contiguous()
+
+
+@_hyper_attention.register_fake
+def _(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *params):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op(
+    "hyperpass::hyper_attention_backward", mutates_args=(), schema=BACKWARD_SCHEMA
+)
+def _hyper_attention_backward(
+    grad_out, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *params
+):
+    cfg = HyperConfig(*params)
+    if q.is_cuda and skip_reason(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg) is None:
+        kernels = _kernel_module()
+        if kernels is not None and kernels.unsupported_reason(q, k, v, is_causal, cfg) is None:
+            return kernels.hyper_attention_backward(
+                grad_out, q, k, v, is_causal=is_causal, scale=scale, config=cfg
+            )
+    # Recompute the forward under autograd: the gradients of exactly what the forward computed.
+    # Dropout would draw a new mask here, so training with dropout is not supported exactly.
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out = _forward(*inputs, attn_mask, dropout_p, is_causal, scale, enable_gqa, params)
+        grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+    return tuple(
+        torch.zeros_like(t) if g is None else g.contiguous()
+        for g, t in zip(grads, inputs, strict=True)
+    )
+
+
+@_hyper_attention_backward.register_fake
+def _(grad_out, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *params):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_N_SDPA_ARGS = 8
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask = inputs[:4]
+    ctx.save_for_backward(q, k, v, attn_mask)
+    ctx.scalars = inputs[4:]
+
+
+def _backward(ctx, grad_out):
+    q, k, v, attn_mask = ctx.saved_tensors
+    dq, dk, dv = hyper_attention_backward(grad_out, q, k, v, attn_mask, *ctx.scalars)
+    return (dq, dk, dv) + (None,) * (_N_SDPA_ARGS - 3 + len(_config.field_names()))
+
+
+_hyper_attention.register_autograd(_backward, setup_context=_setup_context)
+
+hyper_attention_op = torch.ops.hyperpass.hyper_attention.default
+hyper_attention_backward = torch.ops.hyperpass.hyper_attention_backward.default
+
+
+def hyper_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    config: HyperConfig | None = None,
+    **params,
+) -> Tensor:
+    """Drop-in for ``F.scaled_dot_product_attention`` that approximates long sequences.
+
+    Args:
+        q: [B, Hq, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv]. With ``enable_gqa``, Hkv
+            divides Hq and query head h reads KV head ``h // (Hq // Hkv)``.
+        attn_mask, dropout_p, is_causal, scale, enable_gqa: as in SDPA. A mask or dropout makes
+            the call exact; ``is_causal`` with Nq == Nk is approximated.
+        config: a :class:`HyperConfig`; ``**params`` override its fields (``block_size=512``).
+
+    Returns:
+        [B, Hq, Nq, Dv]: exact SDPA when ``skip_reason`` names a reason (shorter than
+        ``min_len``, a mask, dropout, decode-shaped...), else the HyperAttention approximation.
+
+    Raises:
+        ValueError: a parameter out of range (the message names it).
+        TypeError: an unknown parameter name.
+    """
+    cfg = (config or _config.DEFAULT).replace(**params) if params else (config or _config.DEFAULT)
+    return hyper_attention_op(
+        q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *cfg.as_dict().values()
+    )
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

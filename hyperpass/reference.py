@@ -1,0 +1,382 @@
+"""HyperAttention in plain PyTorch: the oracle of every test, and the CPU implementation.
+
+Read it beside the paper (Han et al., arXiv 2310.05869):
+
+* sortLSH (Algorithm 1) lives in :mod:`hyperpass.lsh`.
+* ``_approximate`` is Algorithms 2-3: each query's attention row is split into disjoint parts,
+  computed separately and merged by log-sum-exp in fp32:
+
+    1. the *pattern* part: keys at distance ``d`` with ``|d| < window`` (``0 <= d`` when causal)
+       and ``d % dilation == 0``, exact;
+    2. the *sinks* part: the first ``sinks`` keys, exact;
+    3. the *LSH* part: the keys of the query's sortLSH block, exact;
+    4. the *sampled* part: ``sample_size`` keys drawn uniformly, weighted ``n / m``.
+
+  Each part skips the keys an earlier part already counted, decided from positions and block ids,
+  so no entry counts twice and the sampled part stays an unbiased estimate of what is left.
+* ``_causal_recursive`` is Algorithm 4: halve, recurse on the two diagonal halves (exact below
+  ``min_seq_len``), approximate the lower-left quarter non-causally, merge.
+  ``causal_algo="flat"`` instead takes one pass in which every part only looks into the past.
+
+Layout: q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv]; Hkv divides Hq (GQA: query
+head h reads KV head h // (Hq / Hkv)). Internally q is viewed as [B, Hkv, G, Nq, D].
+Must not import the kernels or Triton.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hyperpass import lsh
+from hyperpass.config import DEFAULT, HyperConfig
+
+_QUERY_CHUNK = 1024  # queries per step of exact attention: bounds the score matrix's memory
+_PATTERN_CHUNK = 128  # queries per step of the windowed pattern part
+
+
+@dataclass
+class _Call:
+    """What every part of one (sub-)problem needs: inputs, global offsets, hashing."""
+
+    q: Tensor  # [B, Hkv, G, nq, D], already multiplied by the softmax scale
+    k: Tensor  # [B, Hkv, nk, D]
+    v: Tensor  # [B, Hkv, nk, Dv]
+    q_offset: int  # global position of q[..., 0, :]
+    k_offset: int
+    op_causal: bool  # the whole op is causal: the window looks only back
+    only_past: bool  # this call must mask keys after the query (flat causal)
+    q_ranks: Tensor | None  # [B, Hkv, G, nq] sortLSH ranks
+    k_ranks: Tensor | None  # [B, Hkv, nk]
+    cfg: HyperConfig
+
+    @property
+    def nq(self) -> int:
+        return self.q.shape[-2]
+
+    @property
+    def nk(self) -> int:
+        return self.k.shape[-2]
+
+
+# ----------------------------------------------------------------------------- small pieces
+def _attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, log_weight: float = 0.0):
+    """Softmax attention of q [..., M, D] over k [..., S, D] restricted to ``keep`` [..., M, S].
+
+    Returns (out [..., M, Dv] normalized, lse [..., M]); rows with no key get out 0, lse -inf,
+    with finite gradients. ``log_weight`` is added to the lse (the n/m weight of samples).
+    """
+    scores = q @ k.transpose(-1, -2)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    row_max = scores.amax(-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    probs = torch.exp(scores - row_max)
+    total = probs.sum(-1)
+    nonempty = total > 0
+    safe_total = torch.where(nonempty, total, torch.ones_like(total))
+    out = (probs @ v) / safe_total.unsqueeze(-1)
+    lse = torch.where(
+        nonempty, row_max.squeeze(-1) + torch.log(safe_total) + log_weight, float("-inf")
+    )
+    return out, lse
+
+
+def merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Log-sum-exp merge of partial (out, lse) pairs over disjoint key sets."""
+    if len(parts) == 1:
+        return parts[0]
+    lses = torch.stack([lse for _, lse in parts])
+    lse = torch.logsumexp(lses, dim=0)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    out = sum(torch.exp(part_lse - safe).unsqueeze(-1) * o for o, part_lse in parts)
+    return out, lse
+
+
+def _in_pattern(d: Tensor, cfg: HyperConfig, op_causal: bool, window: int) -> Tensor:
+    """Is a key at distance d = q_pos - k_pos in the window/dilated pattern?"""
+    if window == 0:
+        return torch.zeros_like(d, dtype=torch.bool)
+    near = (d >= 0) & (d < window) if op_causal else d.abs() < window
+    return near & (d % cfg.dilation == 0)
+
+
+def _effective_window(call: _Call) -> int:
+    # a flat causal pass must let every query see itself, or early rows could be empty
+    return max(call.cfg.window, 1) if call.only_past else call.cfg.window
+
+
+def _excluded_by_pattern_and_sinks(call: _Call, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    d = q_pos - k_pos
+    drop = _in_pattern(d, call.cfg, call.op_causal, _effective_window(call))
+    drop |= k_pos < call.cfg.sinks
+    if call.only_past:
+        drop |= d < 0
+    return drop
+
+
+# ----------------------------------------------------------------------------- the four parts
+def _pattern_part(call: _Call):
+    """Window/dilated pattern, exact: query chunks against the contiguous key span they reach."""
+    window = _effective_window(call)
+    dev = call.q.device
+    nq, nk, c = call.nq, call.nk, _PATTERN_CHUNK
+    n_chunks = math.ceil(nq / c)
+    delta = call.q_offset - call.k_offset  # local key j sits at distance i + delta - j
+    back = window - 1
+    ahead = 0 if call.op_causal else window - 1
+    span = c + back + ahead
+    starts = torch.arange(n_chunks, device=dev) * c
+    key_idx = (starts + delta - back).unsqueeze(-1) + torch.arange(span, device=dev)  # [nc, span]
+    key_ok = (key_idx >= 0) & (key_idx < nk)
+    key_idx = key_idx.clamp(0, nk - 1)
+    q_idx = starts.unsqueeze(-1) + torch.arange(c, device=dev)  # [nc, c]
+    q_ok = q_idx < nq
+    q = _pad_rows(call.q, n_chunks * c).unflatten(-2, (n_chunks, c))  # [B,Hkv,G,nc,c,D]
+    k = call.k[:, :, key_idx.flatten()].unflatten(2, (n_chunks, span)).unsqueeze(2)
+    v = call.v[:, :, key_idx.flatten()].unflatten(2, (n_chunks, span)).unsqueeze(2)
+    d = (q_idx + delta).unsqueeze(-1) - key_idx.unsqueeze(-2)  # [nc, c, span]
+    keep = (
+        key_ok.unsqueeze(-2) & q_ok.unsqueeze(-1) & _in_pattern(d, call.cfg, call.op_causal, window)
+    )
+    if call.only_past:
+        keep &= d >= 0
+    out, lse = _attend(q, k, v, keep)
+    return out.flatten(-3, -2)[..., :nq, :], lse.flatten(-2)[..., :nq]
+
+
+def _sinks_part(call: _Call):
+    """The first ``sinks`` keys (global positions), exact, minus those in the pattern."""
+    n_sinks = min(call.nk, call.cfg.sinks - call.k_offset)
+    dev = call.q.device
+    q_pos = call.q_offset + torch.arange(call.nq, device=dev).unsqueeze(-1)
+    k_pos = call.k_offset + torch.arange(n_sinks, device=dev)
+    d = q_pos - k_pos
+    keep = ~_in_pattern(d, call.cfg, call.op_causal, _effective_window(call))
+    if call.only_past:
+        keep &= d >= 0
+    k = call.k[:, :, :n_sinks].unsqueeze(2)
+    v = call.v[:, :, :n_sinks].unsqueeze(2)
+    return _attend(call.q, k, v, keep)
+
+
+@dataclass
+class _Blocks:
+    """sortLSH blocking of one call: who is in which block (original order)."""
+
+    q_block: Tensor  # [B, Hkv, G, nq] key block each query attends to exactly
+    k_block: Tensor  # [B, Hkv, nk] block of each key
+
+
+def lsh_block_shape(nq: int, nk: int, block_size: int) -> tuple[int, int, int]:
+    """(queries per block, number of query blocks, number of key blocks).
+
+    Key blocks hold ``block_size`` sorted keys; query blocks hold ``block_size * nq / nk`` sorted
+    queries (rounded up), so the j-th query block and the j-th key block cover the same quantiles
+    of the two sorted orders. Query block j attends to key block ``min(j, key_blocks - 1)``.
+    """
+    q_per_block = max(1, math.ceil(block_size * nq / nk))
+    return q_per_block, math.ceil(nq / q_per_block), math.ceil(nk / block_size)
+
+
+def _lsh_part(call: _Call):
+    """Exact attention between each block of sorted queries and its block of sorted keys."""
+    bs = call.cfg.block_size
+    qpb, n_qblocks, n_kblocks = lsh_block_shape(call.nq, call.nk, bs)
+    dev = call.q.device
+    q_order = lsh.sort_by_rank(call.q_ranks)  # [B,Hkv,G,nq]
+    k_order = lsh.sort_by_rank(call.k_ranks)  # [B,Hkv,nk]
+
+    q_slots = _pad_index(q_order, n_qblocks * qpb)  # [B,Hkv,G,nqb*qpb]
+    k_slots = _pad_index(k_order, n_kblocks * bs).unflatten(-1, (n_kblocks, bs))
+    k_valid = (torch.arange(n_kblocks * bs, device=dev) < call.nk).view(n_kblocks, bs)
+    paired = torch.arange(n_qblocks, device=dev).clamp(max=n_kblocks - 1)
+    k_slots, k_valid = k_slots[:, :, paired], k_valid[paired]  # [B,Hkv,nqb,bs], [nqb,bs]
+
+    q = _gather_rows(call.q, q_slots).unflatten(-2, (n_qblocks, qpb))  # [B,Hkv,G,nqb,qpb,D]
+    k = _gather_rows(call.k, k_slots.flatten(-2)).unflatten(-2, (n_qblocks, bs)).unsqueeze(2)
+    v = _gather_rows(call.v, k_slots.flatten(-2)).unflatten(-2, (n_qblocks, bs)).unsqueeze(2)
+
+    q_pos = (call.q_offset + q_slots).unflatten(-1, (n_qblocks, qpb)).unsqueeze(-1)
+    k_pos = (call.k_offset + k_slots).unsqueeze(2).unsqueeze(-2)
+    keep = k_valid.unsqueeze(-2) & ~_excluded_by_pattern_and_sinks(call, q_pos, k_pos)
+    out, lse = _attend(q, k, v, keep)
+
+    # back to original query order (padding rows dropped first)
+    out = out.flatten(-3, -2)[..., : call.nq, :]
+    lse = lse.flatten(-2)[..., : call.nq]
+    out = torch.zeros_like(out).scatter(-2, q_order.unsqueeze(-1).expand_as(out), out)
+    lse = torch.zeros_like(lse).scatter(-1, q_order, lse)
+
+    sorted_pos = torch.arange(call.nq, device=dev).expand_as(q_order)
+    q_block = torch.empty_like(q_order).scatter(-1, q_order, sorted_pos // qpb)
+    k_sorted_pos = torch.arange(call.nk, device=dev).expand_as(k_order)
+    k_block = torch.empty_like(k_order).scatter(-1, k_order, k_sorted_pos // bs)
+    blocks = _Blocks(q_block=q_block.clamp(max=n_kblocks - 1), k_block=k_block)
+    return (out, lse), blocks
+
+
+def _sampled_part(call: _Call, blocks: _Blocks | None):
+    """Uniform samples with replacement, weight nk/m, minus every key an exact part counted."""
+    cfg = call.cfg
+    batch, kv_heads = call.k.shape[:2]
+    tag = lsh.subproblem_tag(call.q_offset, call.k_offset)
+    idx = lsh.sample_indices(
+        cfg.seed, tag, (batch, kv_heads, cfg.sample_size), call.nk, call.q.device
+    )
+    k = _gather_rows(call.k, idx).unsqueeze(2)
+    v = _gather_rows(call.v, idx).unsqueeze(2)
+    q_pos = call.q_offset + torch.arange(call.nq, device=call.q.device).unsqueeze(-1)
+    k_pos = (call.k_offset + idx).unsqueeze(2).unsqueeze(-2)  # [B,Hkv,1,1,m]
+    drop = _excluded_by_pattern_and_sinks(call, q_pos, k_pos)
+    if blocks is not None:
+        sample_block = blocks.k_block.gather(-1, idx).unsqueeze(2).unsqueeze(-2)
+        drop = drop | (blocks.q_block.unsqueeze(-1) == sample_block)
+    return _attend(call.q, k, v, ~drop, log_weight=math.log(call.nk / cfg.sample_size))
+
+
+def _approximate(call: _Call):
+    """Algorithms 2-3 with the extra exact sets: merge of the disjoint parts."""
+    cfg = call.cfg
+    parts = []
+    if _effective_window(call) > 0:
+        parts.append(_pattern_part(call))
+    if cfg.sinks > call.k_offset:
+        parts.append(_sinks_part(call))
+    blocks = None
+    if cfg.uses_lsh:
+        lsh_out, blocks = _lsh_part(call)
+        parts.append(lsh_out)
+    if cfg.uses_samples:
+        parts.append(_sampled_part(call, blocks))
+    return merge(parts)
+
+
+# ----------------------------------------------------------------------------- exact attention
+def exact_attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, q_offset: int = 0, k_offset: int = 0
+):
+    """Exact softmax attention with its lse; q [..., nq, D] pre-scaled, k/v [..., nk, D].
+
+    ``causal`` masks keys whose global position (``k_offset + j``) is after the query's
+    (``q_offset + i``). Queries are processed in chunks to bound memory.
+    """
+    outs, lses = [], []
+    k_pos = k_offset + torch.arange(k.shape[-2], device=q.device)
+    for start in range(0, q.shape[-2], _QUERY_CHUNK):
+        q_chunk = q[..., start : start + _QUERY_CHUNK, :]
+        keep = None
+        if causal:
+            q_pos = q_offset + start + torch.arange(q_chunk.shape[-2], device=q.device)
+            keep = k_pos <= q_pos.unsqueeze(-1)
+        out, lse = _attend(q_chunk, k, v, keep)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, -2), torch.cat(lses, -1)
+
+
+def _causal_recursive(call: _Call):
+    """Algorithm 4: exact diagonal blocks, approximated off-diagonal blocks, recursively."""
+    n = call.nq
+    if n <= call.cfg.min_seq_len:
+        return exact_attention(call.q, call.k.unsqueeze(2), call.v.unsqueeze(2), causal=True)
+    half = n // 2
+
+    def sub(q_rows: slice, k_rows: slice, only_past: bool) -> _Call:
+        return _Call(
+            q=call.q[..., q_rows, :],
+            k=call.k[..., k_rows, :],
+            v=call.v[..., k_rows, :],
+            q_offset=call.q_offset + (q_rows.start or 0),
+            k_offset=call.k_offset + (k_rows.start or 0),
+            op_causal=True,
+            only_past=only_past,
+            q_ranks=call.q_ranks[..., q_rows],
+            k_ranks=call.k_ranks[..., k_rows],
+            cfg=call.cfg,
+        )
+
+    first, second = slice(0, half), slice(half, n)
+    top = _causal_recursive(sub(first, first, True))
+    bottom_diagonal = _causal_recursive(sub(second, second, True))
+    bottom_left = _approximate(sub(second, first, False))
+    bottom = merge([bottom_diagonal, bottom_left])
+    return torch.cat([top[0], bottom[0]], -2), torch.cat([top[1], bottom[1]], -1)
+
+
+# ----------------------------------------------------------------------------- entry point
+def hyper_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    config: HyperConfig = DEFAULT,
+) -> tuple[Tensor, Tensor]:
+    """HyperAttention of q [B, Hq, Nq, D] over k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv].
+
+    Always approximates (the op decides when to; see ``hyperpass.op``). Accumulates in fp32
+    (fp64 for fp64 inputs). Deterministic for a given ``config.seed``.
+
+    Returns:
+        (out [B, Hq, Nq, Dv] in q's dtype, lse [B, Hq, Nq] fp32 natural-log log-sum-exp)
+
+    Raises:
+        ValueError: on shapes it cannot serve (not 4-D, Hq not a multiple of Hkv, causal with
+            Nq != Nk).
+    """
+    _check_shapes(q, k, v, is_causal)
+    batch, q_heads, nq, dim = q.shape
+    kv_heads = k.shape[1]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    qg = (q.to(acc) * scale).view(batch, kv_heads, q_heads // kv_heads, nq, dim)
+    k_acc, v_acc = k.to(acc), v.to(acc)
+
+    q_ranks = k_ranks = None
+    if config.uses_lsh:
+        planes = lsh.hyperplanes(dim, config.lsh_num_projs, config.seed, q.device)
+        q_ranks, k_ranks = lsh.lsh_ranks(qg, planes), lsh.lsh_ranks(k_acc, planes)
+
+    call = _Call(qg, k_acc, v_acc, 0, 0, is_causal, False, q_ranks, k_ranks, config)
+    if is_causal and config.uses_lsh and config.causal_algo == "recursive":
+        out, lse = _causal_recursive(call)
+    else:
+        call.only_past = is_causal
+        out, lse = _approximate(call)
+    out = out.reshape(batch, q_heads, nq, v.shape[-1]).to(q.dtype)
+    return out, lse.reshape(batch, q_heads, nq).float()
+
+
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> None:
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        raise ValueError(
+            f"q, k, v must be 4-D [B, H, N, D]; got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})"
+        )
+    if is_causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal needs Nq == Nk, got Nq={q.shape[2]}, Nk={k.shape[2]}")
+
+
+# ----------------------------------------------------------------------------- tensor helpers
+def _pad_rows(x: Tensor, rows: int) -> Tensor:
+    return torch.nn.functional.pad(x, (0, 0, 0, rows - x.shape[-2]))
+
+
+def _pad_index(idx: Tensor, length: int) -> Tensor:
+    return torch.nn.functional.pad(idx, (0, length - idx.shape[-1]))
+
+
+def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """x [..., N, D] indexed along N by idx [..., M] (same leading dims)."""
+    return x.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))

@@ -1,0 +1,1 @@
+"""Triton kernels of hyperpass (imported as ``hyperpass.kernels``). Not yet implemented."""
