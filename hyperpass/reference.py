@@ -224,9 +224,9 @@ def _sampled_part(call: _Call, blocks: _Blocks | None):
     cfg = call.cfg
     batch, kv_heads = call.k.shape[:2]
     tag = lsh.subproblem_tag(call.q_offset, call.k_offset)
-    idx = lsh.sample_indices(
-        cfg.seed, tag, (batch, kv_heads, cfg.sample_size), call.nk, call.q.device
-    )
+    # one sample set per batch row, shared by all heads: GQA then equals repeated KV heads
+    idx = lsh.sample_indices(cfg.seed, tag, (batch, 1, cfg.sample_size), call.nk, call.q.device)
+    idx = idx.expand(batch, kv_heads, cfg.sample_size)
     k = _gather_rows(call.k, idx).unsqueeze(2)
     v = _gather_rows(call.v, idx).unsqueeze(2)
     q_pos = call.q_offset + torch.arange(call.nq, device=call.q.device).unsqueeze(-1)
