@@ -93,6 +93,7 @@ class _RunSession:
     def __init__(self, patch_kwargs: dict):
         self.patch_kwargs = patch_kwargs
         self.reports: list[patching.RoutingReport] = []
+        self.compiled_sites: list = []  # mode compile: the backend's SiteReports
         self.patched: list[weakref.ref] = []
         self._seen: weakref.WeakSet = weakref.WeakSet()
         self._lock = threading.Lock()
@@ -147,7 +148,9 @@ class _RunSession:
         if hf is not None:
             lines += [r.format() for r in hf.reports() if r.sites]
         if self.patch_kwargs.get("mode") == "compile":
-            lines.append("(mode compile: the rewrite report is hyperpass.explain's)")
+            from hyperpass.report import format_table
+
+            lines.append(format_table(self.compiled_sites) if self.compiled_sites else "no graph")
         return "\n".join(lines)
 
 
@@ -186,6 +189,7 @@ def _run(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> int:
         session.uninstall()
         for ref in session.patched:
             if (model := ref()) is not None and patching.is_patched(model):
+                session.compiled_sites += patching.compiled_sites(model)
                 patching.unpatch(model)
         sys.argv, sys.path[:] = saved_argv, saved_path
         print(session.format_report(), file=sys.stderr)

@@ -285,6 +285,7 @@ class _PatchState:
     config: HyperConfig
     targets: list[_Target]
     report: RoutingReport
+    backends: list = dataclasses.field(default_factory=list)  # mode="compile": the compile_fns
 
 
 _NO_ATTR = object()
@@ -301,20 +302,21 @@ def _eager_forward(forward, config: HyperConfig, report: RoutingReport, site: st
     return routed_forward
 
 
-def _compiled_forward(forward, min_len, inner, params):
+def _compiled_forward(forward, config: HyperConfig, inner, params):
     try:
         from hyperpass.backend import backend
     except ImportError as err:
         raise RuntimeError(
             f"mode='compile' needs hyperpass.backend, which could not be imported ({err})"
         ) from err
-    compiled = torch.compile(forward, backend=backend(min_len, inner=inner, **params))
+    compile_fn = backend(config.min_len, inner=inner, **params)
+    compiled = torch.compile(forward, backend=compile_fn)
 
     @functools.wraps(forward)
     def compiled_forward(*args, **kwargs):
         return compiled(*args, **kwargs)
 
-    return compiled_forward
+    return compiled_forward, compile_fn
 
 
 def patch(
@@ -372,20 +374,22 @@ def patch(
         if mod.__dict__.get("forward") in _WRAPPERS:
             raise RuntimeError(f"module {path or type(mod).__name__!r} is already patched")
 
-    report = RoutingReport(type(model).__name__)
-    targets = []
+    state = _PatchState(mode, config, [], RoutingReport(type(model).__name__))
     for path, mod in chosen:
         site = path or type(mod).__name__
         if mode == "eager":
-            wrapper = _eager_forward(mod.forward, config, report, site)
+            wrapper = _eager_forward(mod.forward, config, state.report, site)
         else:
-            wrapper = _compiled_forward(mod.forward, min_len, inner or "inductor", params)
-        targets.append(_Target(path, mod, mod.__dict__.get("forward", _NO_ATTR), wrapper))
-    for t in targets:
+            wrapper, compile_fn = _compiled_forward(
+                mod.forward, config, inner or "inductor", params
+            )
+            state.backends.append(compile_fn)
+        state.targets.append(_Target(path, mod, mod.__dict__.get("forward", _NO_ATTR), wrapper))
+    for t in state.targets:
         t.module.__dict__["forward"] = t.wrapper  # plain attribute: no parameter bookkeeping
         _WRAPPERS.add(t.wrapper)
-    _PATCHED[model] = _PatchState(mode, config, targets, report)
-    log.debug("patched %s (%s): %s", type(model).__name__, mode, [t.path for t in targets])
+    _PATCHED[model] = state
+    log.debug("patched %s (%s): %s", type(model).__name__, mode, [t.path for t in state.targets])
     return model
 
 
@@ -410,13 +414,28 @@ def is_patched(model: nn.Module) -> bool:
     return model in _PATCHED
 
 
+def _state(model: nn.Module) -> _PatchState:
+    state = _PATCHED.get(model)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} is not patched by hyperpass.patch")
+    return state
+
+
 def report(model: nn.Module) -> RoutingReport:
-    """The routing report of a model patched in ``"eager"`` mode (compile mode: use explain).
+    """The routing report of a model patched in ``"eager"`` mode (empty in ``"compile"`` mode:
+    see :func:`compiled_sites`).
 
     Raises:
         ValueError: the model is not patched.
     """
-    state = _PATCHED.get(model)
-    if state is None:
-        raise ValueError(f"{type(model).__name__} is not patched by hyperpass.patch")
-    return state.report
+    return _state(model).report
+
+
+def compiled_sites(model: nn.Module) -> list:
+    """Mode ``"compile"``: the backend's :class:`~hyperpass.report.SiteReport` of every attention
+    site in every graph compiled so far (empty in ``"eager"`` mode).
+
+    Raises:
+        ValueError: the model is not patched.
+    """
+    return [site for fn in _state(model).backends for site in getattr(fn, "reports", [])]
