@@ -1,0 +1,428 @@
+"""The approximated parts (sortLSH block + weighted uniform samples) of one level, fused.
+
+One program takes a tile of *sorted* queries of one sub-problem, gathers them, their key block
+and the sub-problem's sampled keys by index (no permuted copies of Q/K/V), and runs one online
+softmax over all of them: the sampled scores carry ``+log(nk/m)``, which is exactly the
+reference's log-sum-exp merge of the two parts. Samples whose key lies in the query's own block
+are skipped (the exclusion is a block-id comparison, no bias tensor). With ``ONLY_PAST`` (flat
+causal) every key after the query is masked and the query's own key (the window of one that the
+reference adds) seeds the softmax.
+
+The backward is split by who owns the gradient, so nothing but the samples needs atomics:
+``_approx_dq_kernel`` (one program per query tile), ``_approx_dkdv_block_kernel`` (one program per
+key tile of a sortLSH block, looping over the query tiles of its block and the GQA group) and
+``_approx_dkdv_sample_kernel`` (one program per chunk of samples and split of the queries,
+adding into fp32 dK/dV). All use the final, merged log-sum-exp, so they give the true gradients of
+the merged output.
+
+Softmax runs in base 2 (``exp2`` with ``scale * log2(e)`` folded in); lse is stored in natural log.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# finite running max of empty rows: exp2(FLOOR - FLOOR) stays 1, never NaN
+FLOOR = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _sub_params(SUBS, s):
+    q_off = tl.load(SUBS + s * 8 + 0)
+    nq = tl.load(SUBS + s * 8 + 1)
+    k_off = tl.load(SUBS + s * 8 + 2)
+    nk = tl.load(SUBS + s * 8 + 3)
+    qpb = tl.load(SUBS + s * 8 + 4)
+    q_blocks = tl.load(SUBS + s * 8 + 5)
+    k_blocks = tl.load(SUBS + s * 8 + 6)
+    return q_off, nq, k_off, nk, qpb, q_blocks, k_blocks
+
+
+@triton.jit
+def _load_rows(PTR, rows, stride_n, cols, n_cols, row_ok):
+    """Rows ``rows`` (int, [R]) of a [N, C] matrix at PTR: [R, BLOCK_C]."""
+    offs = rows[:, None].to(tl.int64) * stride_n + cols[None, :]
+    return tl.load(PTR + offs, mask=row_ok[:, None] & (cols < n_cols)[None, :], other=0.0)
+
+
+@triton.jit
+def _sample_keys(SAMPLES, KINV, s, b, hkv, batch, kv_heads, n_keys, n_samples, k_off, bsize, sc):
+    """Global positions and sortLSH block ids of samples ``sc`` of sub-problem ``s``."""
+    s_ok = sc < n_samples
+    base = ((s * batch + b) * kv_heads + hkv).to(tl.int64) * n_samples
+    idx = tl.load(SAMPLES + base + sc, mask=s_ok, other=0)
+    kpos = k_off + idx
+    inv = tl.load(KINV + (b * kv_heads + hkv).to(tl.int64) * n_keys + kpos, mask=s_ok, other=0)
+    return kpos, (inv - k_off) // bsize, s_ok
+
+
+@triton.jit
+def _approx_fwd_kernel(
+    Q, K, V, OUT, LSE,
+    QORD, KORD, KINV, SAMPLES, SUBS, TILES,
+    qk_scale,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    batch, q_heads, kv_heads, n_queries, n_keys, n_samples, bsize,
+    GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MERGE: tl.constexpr, ONLY_PAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // q_heads
+    hq = pid_bh % q_heads
+    hkv = hq // GROUP
+    s = tl.load(TILES + pid_t * 3)
+    j = tl.load(TILES + pid_t * 3 + 1)
+    t = tl.load(TILES + pid_t * 3 + 2)
+    q_off, nq, k_off, nk, qpb, q_blocks, k_blocks = _sub_params(SUBS, s)
+    kb = tl.minimum(j, k_blocks - 1)
+
+    rows = j * qpb + t * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = (rows < (j + 1) * qpb) & (rows < nq)
+    qpos = tl.load(QORD + pid_bh.to(tl.int64) * n_queries + q_off + rows, mask=row_ok, other=0)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q_base = Q + b.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
+    o_base = OUT + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh
+    lse_base = LSE + pid_bh.to(tl.int64) * n_queries
+    q = _load_rows(q_base, qpos, stride_qn, d, D, row_ok)
+
+    if MERGE:  # continue from the parts already merged into OUT (fp32) / LSE
+        prev = tl.load(lse_base + qpos, mask=row_ok, other=float("-inf"))
+        has = prev > float("-inf")
+        m_i = tl.where(has, prev * 1.4426950408889634, FLOOR)
+        l_i = tl.where(has, 1.0, 0.0)
+        acc = _load_rows(o_base, qpos, stride_on, dv, DV, row_ok & has).to(tl.float32)
+    elif ONLY_PAST:  # the query's own key: the reference's window of one
+        k_self = _load_rows(k_base, qpos, stride_kn, d, D, row_ok)
+        m_i = tl.sum(q.to(tl.float32) * k_self.to(tl.float32), axis=1) * qk_scale
+        l_i = tl.where(row_ok, 1.0, 0.0)
+        acc = _load_rows(v_base, qpos, stride_vn, dv, DV, row_ok).to(tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], FLOOR, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # the sortLSH block: sorted keys [kb * bsize, (kb + 1) * bsize) of the sub-problem
+    kord_base = KORD + (b * kv_heads + hkv).to(tl.int64) * n_keys + k_off
+    for n0 in range(0, bsize, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        cols = kb * bsize + offs
+        col_ok = (offs < bsize) & (cols < nk)
+        kpos = tl.load(kord_base + cols, mask=col_ok, other=0)
+        k = _load_rows(k_base, kpos, stride_kn, d, D, col_ok)
+        v = _load_rows(v_base, kpos, stride_vn, dv, DV, col_ok)
+        keep = row_ok[:, None] & col_ok[None, :]
+        if ONLY_PAST:
+            keep = keep & (kpos[None, :] < qpos[:, None])
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        scores = tl.where(keep, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    # the uniform samples, weight nk/m, minus the keys of the query's own block
+    log2_weight = tl.log2(nk.to(tl.float32) / n_samples)
+    for s0 in range(0, n_samples, BLOCK_N):
+        sc = s0 + tl.arange(0, BLOCK_N)
+        kpos, sblk, s_ok = _sample_keys(
+            SAMPLES, KINV, s, b, hkv, batch, kv_heads, n_keys, n_samples, k_off, bsize, sc
+        )
+        k = _load_rows(k_base, kpos, stride_kn, d, D, s_ok)
+        v = _load_rows(v_base, kpos, stride_vn, dv, DV, s_ok)
+        keep = row_ok[:, None] & (s_ok & (sblk != kb))[None, :]
+        if ONLY_PAST:
+            keep = keep & (kpos[None, :] < qpos[:, None])
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + log2_weight
+        scores = tl.where(keep, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    nonempty = l_i > 0
+    safe_l = tl.where(nonempty, l_i, 1.0)
+    out = acc / safe_l[:, None]
+    lse = tl.where(nonempty, (m_i + tl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
+    o_offs = qpos[:, None].to(tl.int64) * stride_on + dv[None, :]
+    tl.store(
+        o_base + o_offs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :]
+    )
+    tl.store(lse_base + qpos, lse, mask=row_ok)
+
+
+@triton.jit
+def _approx_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    QORD, KORD, KINV, SAMPLES, SUBS, TILES,
+    sm_scale, qk_scale,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    batch, q_heads, kv_heads, n_queries, n_keys, n_samples, bsize,
+    GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACCUMULATE: tl.constexpr, ONLY_PAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dQ of one tile of sorted queries; DO/DQ share Q's layout-free [B, Hq, N, *] contiguity:
+    DO is read with the ``stride_o*`` strides, DQ is contiguous [B, Hq, N, D] fp32."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // q_heads
+    hq = pid_bh % q_heads
+    hkv = hq // GROUP
+    s = tl.load(TILES + pid_t * 3)
+    j = tl.load(TILES + pid_t * 3 + 1)
+    t = tl.load(TILES + pid_t * 3 + 2)
+    q_off, nq, k_off, nk, qpb, q_blocks, k_blocks = _sub_params(SUBS, s)
+    kb = tl.minimum(j, k_blocks - 1)
+
+    rows = j * qpb + t * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = (rows < (j + 1) * qpb) & (rows < nq)
+    qpos = tl.load(QORD + pid_bh.to(tl.int64) * n_queries + q_off + rows, mask=row_ok, other=0)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q_base = Q + b.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
+    do_base = DO + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh
+    row_base = pid_bh.to(tl.int64) * n_queries
+    q = _load_rows(q_base, qpos, stride_qn, d, D, row_ok)
+    do = _load_rows(do_base, qpos, stride_on, dv, DV, row_ok)
+    lse2 = tl.load(LSE + row_base + qpos, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.where(lse2 > float("-inf"), lse2, 0.0)
+    delta = tl.load(DELTA + row_base + qpos, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if ONLY_PAST:  # the query's own key
+        k_self = _load_rows(k_base, qpos, stride_kn, d, D, row_ok).to(tl.float32)
+        v_self = _load_rows(v_base, qpos, stride_vn, dv, DV, row_ok).to(tl.float32)
+        p = tl.exp2(tl.sum(q.to(tl.float32) * k_self, axis=1) * qk_scale - lse2)
+        p = tl.where(row_ok, p, 0.0)
+        ds = p * (tl.sum(do.to(tl.float32) * v_self, axis=1) - delta)
+        dq += ds[:, None] * k_self
+
+    kord_base = KORD + (b * kv_heads + hkv).to(tl.int64) * n_keys + k_off
+    for n0 in range(0, bsize, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        cols = kb * bsize + offs
+        col_ok = (offs < bsize) & (cols < nk)
+        kpos = tl.load(kord_base + cols, mask=col_ok, other=0)
+        k = _load_rows(k_base, kpos, stride_kn, d, D, col_ok)
+        v = _load_rows(v_base, kpos, stride_vn, dv, DV, col_ok)
+        keep = row_ok[:, None] & col_ok[None, :]
+        if ONLY_PAST:
+            keep = keep & (kpos[None, :] < qpos[:, None])
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.where(keep, tl.exp2(scores - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    log2_weight = tl.log2(nk.to(tl.float32) / n_samples)
+    for s0 in range(0, n_samples, BLOCK_N):
+        sc = s0 + tl.arange(0, BLOCK_N)
+        kpos, sblk, s_ok = _sample_keys(
+            SAMPLES, KINV, s, b, hkv, batch, kv_heads, n_keys, n_samples, k_off, bsize, sc
+        )
+        k = _load_rows(k_base, kpos, stride_kn, d, D, s_ok)
+        v = _load_rows(v_base, kpos, stride_vn, dv, DV, s_ok)
+        keep = row_ok[:, None] & (s_ok & (sblk != kb))[None, :]
+        if ONLY_PAST:
+            keep = keep & (kpos[None, :] < qpos[:, None])
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + log2_weight
+        p = tl.where(keep, tl.exp2(scores - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    dq_ptrs = DQ + row_base * D + qpos[:, None].to(tl.int64) * D + d[None, :]
+    mask = row_ok[:, None] & (d < D)[None, :]
+    dq = dq * sm_scale
+    if ACCUMULATE:
+        dq += tl.load(dq_ptrs, mask=mask, other=0.0)
+    tl.store(dq_ptrs, dq, mask=mask)
+
+
+@triton.jit
+def _approx_dkdv_block_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV_OUT,
+    QORD, KORD, SUBS, TILES,
+    sm_scale, qk_scale,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    q_heads, kv_heads, n_queries, n_keys, bsize,
+    GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACCUMULATE: tl.constexpr, ONLY_PAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dK/dV of one tile of a sortLSH key block: every query tile of its block(s), all heads of
+    the GQA group. DK/DV_OUT are contiguous fp32 [B, Hkv, Nk, D]."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // kv_heads
+    hkv = pid_bh % kv_heads
+    s = tl.load(TILES + pid_t * 3)
+    kb = tl.load(TILES + pid_t * 3 + 1)
+    u = tl.load(TILES + pid_t * 3 + 2)
+    q_off, nq, k_off, nk, qpb, q_blocks, k_blocks = _sub_params(SUBS, s)
+
+    offs = u * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = kb * bsize + offs
+    col_ok = (offs < bsize) & (cols < nk)
+    kv_row = pid_bh.to(tl.int64) * n_keys
+    kpos = tl.load(KORD + kv_row + k_off + cols, mask=col_ok, other=0)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
+    k = _load_rows(k_base, kpos, stride_kn, d, D, col_ok)
+    v = _load_rows(v_base, kpos, stride_vn, dv, DV, col_ok)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dvacc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    # query blocks paired with this key block: kb itself, and all the rest for the last one
+    j_lo = kb
+    j_hi = tl.where(kb == k_blocks - 1, q_blocks, kb + 1)
+    j_hi = tl.minimum(j_hi, q_blocks)
+    for g in range(GROUP):
+        hq = hkv * GROUP + g
+        q_base = Q + b.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh
+        row_base = (b * q_heads + hq).to(tl.int64) * n_queries
+        for j in range(j_lo, j_hi):
+            row_end = tl.minimum((j + 1) * qpb, nq)
+            for r0 in range(j * qpb, row_end, BLOCK_M):
+                rows = r0 + tl.arange(0, BLOCK_M)
+                row_ok = rows < row_end
+                qpos = tl.load(QORD + row_base + q_off + rows, mask=row_ok, other=0)
+                q = _load_rows(q_base, qpos, stride_qn, d, D, row_ok)
+                do = _load_rows(do_base, qpos, stride_on, dv, DV, row_ok)
+                lse2 = tl.load(LSE + row_base + qpos, mask=row_ok, other=0.0) * 1.4426950408889634
+                lse2 = tl.where(lse2 > float("-inf"), lse2, 0.0)
+                delta = tl.load(DELTA + row_base + qpos, mask=row_ok, other=0.0)
+                keep = row_ok[:, None] & col_ok[None, :]
+                if ONLY_PAST:
+                    keep = keep & (kpos[None, :] < qpos[:, None])
+                scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                p = tl.where(keep, tl.exp2(scores - lse2[:, None]), 0.0)
+                dvacc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        if ONLY_PAST:  # each key is also its own query's diagonal entry (the window of one)
+            q_self = _load_rows(q_base, kpos, stride_qn, d, D, col_ok).to(tl.float32)
+            do_self = _load_rows(do_base, kpos, stride_on, dv, DV, col_ok).to(tl.float32)
+            lse2 = tl.load(LSE + row_base + kpos, mask=col_ok, other=0.0) * 1.4426950408889634
+            lse2 = tl.where(lse2 > float("-inf"), lse2, 0.0)
+            delta = tl.load(DELTA + row_base + kpos, mask=col_ok, other=0.0)
+            scores = tl.sum(q_self * k.to(tl.float32), axis=1) * qk_scale
+            p = tl.where(col_ok, tl.exp2(scores - lse2), 0.0)
+            dvacc += p[:, None] * do_self
+            ds = p * (tl.sum(do_self * v.to(tl.float32), axis=1) - delta)
+            dk += ds[:, None] * q_self
+
+    dk = dk * sm_scale
+    dk_ptrs = DK + kv_row * D + kpos[:, None].to(tl.int64) * D + d[None, :]
+    dv_ptrs = DV_OUT + kv_row * DV + kpos[:, None].to(tl.int64) * DV + dv[None, :]
+    dk_mask = col_ok[:, None] & (d < D)[None, :]
+    dv_mask = col_ok[:, None] & (dv < DV)[None, :]
+    if ACCUMULATE:
+        dk += tl.load(dk_ptrs, mask=dk_mask, other=0.0)
+        dvacc += tl.load(dv_ptrs, mask=dv_mask, other=0.0)
+    tl.store(dk_ptrs, dk, mask=dk_mask)
+    tl.store(dv_ptrs, dvacc, mask=dv_mask)
+
+
+@triton.jit
+def _approx_dkdv_sample_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV_OUT,
+    QORD, KINV, SAMPLES, SUBS, TILES,
+    sm_scale, qk_scale,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    batch, q_heads, kv_heads, n_queries, n_keys, n_samples, bsize, q_split,
+    GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ONLY_PAST: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dK/dV of a chunk of samples from one split of the sub-problem's sorted queries, added
+    atomically into fp32 DK/DV_OUT (a key may be drawn several times and by several splits)."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // kv_heads
+    hkv = pid_bh % kv_heads
+    s = tl.load(TILES + pid_t * 3)
+    c = tl.load(TILES + pid_t * 3 + 1)
+    split = tl.load(TILES + pid_t * 3 + 2)
+    q_off, nq, k_off, nk, qpb, q_blocks, k_blocks = _sub_params(SUBS, s)
+
+    sc = c * BLOCK_N + tl.arange(0, BLOCK_N)
+    kpos, sblk, s_ok = _sample_keys(
+        SAMPLES, KINV, s, b, hkv, batch, kv_heads, n_keys, n_samples, k_off, bsize, sc
+    )
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
+    k = _load_rows(k_base, kpos, stride_kn, d, D, s_ok)
+    v = _load_rows(v_base, kpos, stride_vn, dv, DV, s_ok)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dvacc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    log2_weight = tl.log2(nk.to(tl.float32) / n_samples)
+
+    r_start = split * q_split
+    r_end = tl.minimum(r_start + q_split, nq)
+    for g in range(GROUP):
+        hq = hkv * GROUP + g
+        q_base = Q + b.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh
+        row_base = (b * q_heads + hq).to(tl.int64) * n_queries
+        for r0 in range(r_start, r_end, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < r_end
+            qblk = tl.minimum(rows // qpb, k_blocks - 1)
+            qpos = tl.load(QORD + row_base + q_off + rows, mask=row_ok, other=0)
+            q = _load_rows(q_base, qpos, stride_qn, d, D, row_ok)
+            do = _load_rows(do_base, qpos, stride_on, dv, DV, row_ok)
+            lse2 = tl.load(LSE + row_base + qpos, mask=row_ok, other=0.0) * 1.4426950408889634
+            lse2 = tl.where(lse2 > float("-inf"), lse2, 0.0)
+            delta = tl.load(DELTA + row_base + qpos, mask=row_ok, other=0.0)
+            keep = row_ok[:, None] & s_ok[None, :] & (qblk[:, None] != sblk[None, :])
+            if ONLY_PAST:
+                keep = keep & (kpos[None, :] < qpos[:, None])
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + log2_weight
+            p = tl.where(keep, tl.exp2(scores - lse2[:, None]), 0.0)
+            dvacc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+
+    kv_row = pid_bh.to(tl.int64) * n_keys
+    dk_ptrs = DK + kv_row * D + kpos[:, None].to(tl.int64) * D + d[None, :]
+    dv_ptrs = DV_OUT + kv_row * DV + kpos[:, None].to(tl.int64) * DV + dv[None, :]
+    tl.atomic_add(dk_ptrs, dk * sm_scale, mask=s_ok[:, None] & (d < D)[None, :])
+    tl.atomic_add(dv_ptrs, dvacc, mask=s_ok[:, None] & (dv < DV)[None, :])

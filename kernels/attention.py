@@ -1,0 +1,326 @@
+"""Launchers: HyperAttention forward and backward on CUDA tensors with the Triton kernels.
+
+Same semantics as :func:`hyperpass.reference.hyper_attention_reference` (the oracle). One call:
+
+1. hash Q and K once (``hashing.lsh_rank``), one stable sort per level (all levels in one
+   ``torch.sort``);
+2. non-causal / flat causal: one launch of the fused approximation writes out and lse;
+   causal recursive: one launch per level (each merging into an fp32 accumulator), then one
+   launch of the exact diagonal leaves that merges everything and writes the output;
+3. backward: recompute (out, lse), then dQ/dK/dV with the merged lse: per level three launches
+   (dQ, dK/dV of the blocks, dK/dV of the samples), plus two for the diagonal leaves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from hyperpass.config import HyperConfig
+
+from .approx import (
+    _approx_dkdv_block_kernel,
+    _approx_dkdv_sample_kernel,
+    _approx_dq_kernel,
+    _approx_fwd_kernel,
+)
+from .exact import _diag_dkdv_kernel, _diag_dq_kernel, _diag_fwd_kernel
+from .hashing import lsh_rank, planes_for, sort_levels
+from .plan import Plan, make_plan
+
+LOG2E = 1.4426950408889634
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Tile sizes and warps. ``block_m``/``block_n`` also shape the plan's tile tables."""
+
+    block_m: int = 128  # sorted queries per forward / dQ program
+    block_n: int = 64  # keys per inner step; samples per dK/dV program
+    bwd_block_m: int = 64  # query rows per inner step of the dK/dV kernels
+    fwd_warps: int = 8
+    bwd_warps: int = 8
+    stages: int = 2
+
+
+_OVERRIDE: Tuning | None = None
+
+
+def set_tuning(tuning: Tuning | None) -> None:
+    """Pin the tile sizes (tests use small tiles); None restores the per-shape defaults."""
+    global _OVERRIDE
+    _OVERRIDE = tuning
+
+
+def tuning_for(head_dim: int, dtype: torch.dtype) -> Tuning:
+    if _OVERRIDE is not None:
+        return _OVERRIDE
+    if dtype == torch.float32 or head_dim > 128:
+        return Tuning(block_m=64, block_n=32, bwd_block_m=32, fwd_warps=4, bwd_warps=4)
+    if head_dim > 64:
+        return Tuning(block_m=128, block_n=64, bwd_block_m=64, fwd_warps=8, bwd_warps=8)
+    return Tuning(block_m=128, block_n=64, bwd_block_m=64, fwd_warps=4, bwd_warps=4)
+
+
+# ----------------------------------------------------------------------------- what we serve
+def unsupported_reason(q, k, v, is_causal: bool, cfg: HyperConfig) -> str | None:
+    """None when the kernels compute exactly the reference's approximation for these inputs.
+
+    Args:
+        q: [B, Hq, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv].
+    """
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return "inputs are not tensors"
+    if not (q.is_cuda or _interpreting()) or q.device != k.device or q.device != v.device:
+        return "kernels need CUDA tensors on one device"
+    if q.dtype not in SUPPORTED_DTYPES or not (q.dtype == k.dtype == v.dtype):
+        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (kernels take one of fp16, bf16, fp32)"
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        return "inputs must be 4-D [B, H, N, D]"
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        return "incompatible q/k/v shapes"
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        return "query heads must be a multiple of KV heads"
+    if not (16 <= q.shape[-1] <= MAX_HEAD_DIM and 16 <= v.shape[-1] <= MAX_HEAD_DIM):
+        return f"head dims {q.shape[-1]}/{v.shape[-1]} outside [16, {MAX_HEAD_DIM}]"
+    if min(q.shape[2], k.shape[2]) == 0 or q.shape[0] == 0:
+        return "empty sequence or batch"
+    if max(q.shape[2], k.shape[2]) >= 2**30:
+        return "sequence too long for int32 positions"
+    if is_causal and q.shape[2] != k.shape[2]:
+        return "causal needs Nq == Nk"
+    if not cfg.uses_lsh:
+        return f"method={cfg.method!r} (pattern-only methods are not in the kernels yet)"
+    if cfg.window > 0 or cfg.sinks > 0:
+        return "window/sinks are not in the kernels yet"
+    return None
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------- shared setup
+@dataclass
+class _Call:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    cfg: HyperConfig
+    plan: Plan
+    tune: Tuning
+    q_order: torch.Tensor  # [L, B, Hq, Nq] int32
+    k_order: torch.Tensor  # [L, B, Hkv, Nk] int32
+    k_inverse: torch.Tensor  # [L, B, Hkv, Nk] int32
+
+    @property
+    def group(self) -> int:
+        return self.q.shape[1] // self.k.shape[1]
+
+    @property
+    def precision(self) -> str:
+        return "ieee" if self.q.dtype == torch.float32 else "tf32"
+
+    def strides(self, *tensors):
+        return [s for t in tensors for s in t.stride()[:3]]
+
+    def shape_kwargs(self, warps: int) -> dict:
+        dim, dim_v = self.q.shape[-1], self.v.shape[-1]
+        return dict(
+            GROUP=self.group,
+            D=dim,
+            DV=dim_v,
+            BLOCK_D=triton.next_power_of_2(dim),
+            BLOCK_DV=triton.next_power_of_2(dim_v),
+            PRECISION=self.precision,
+            num_warps=warps,
+        )
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _setup(q, k, v, is_causal: bool, scale: float | None, cfg: HyperConfig) -> _Call:
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    batch, _, nq, dim = q.shape
+    kv_heads, nk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    tune = tuning_for(max(dim, v.shape[-1]), q.dtype)
+    plan = make_plan(
+        nq, nk, is_causal, cfg, batch, kv_heads, q.device,
+        tune.block_m, tune.block_n, _num_sms(q.device),
+    )  # fmt: skip
+    planes = planes_for(dim, cfg.lsh_num_projs, cfg.seed, q.device)
+    q_order, _ = sort_levels(lsh_rank(q, planes, scale), plan.segments, cfg.lsh_num_projs)
+    k_order, k_inverse = sort_levels(
+        lsh_rank(k, planes, 1.0), plan.segments, cfg.lsh_num_projs, inverse=True
+    )
+    return _Call(q, k, v, scale, cfg, plan, tune, q_order, k_order, k_inverse)
+
+
+def _samples(level) -> torch.Tensor:
+    s = level.samples
+    return s if s.numel() else torch.zeros(1, dtype=torch.int32, device=s.device)
+
+
+# ----------------------------------------------------------------------------- forward
+def hyper_attention_forward(q, k, v, *, is_causal: bool, scale: float | None, config: HyperConfig):
+    """HyperAttention forward (the reference's semantics) with the Triton kernels.
+
+    Args:
+        q: [B, Hq, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv], one of fp16/bf16/fp32.
+
+    Returns:
+        (out [B, Hq, Nq, Dv] in q's dtype, lse [B, Hq, Nq] fp32 natural-log log-sum-exp)
+    """
+    call = _setup(q, k, v, is_causal, scale, config)
+    return _forward(call)
+
+
+def _forward(call: _Call):
+    q, k, v, plan = call.q, call.k, call.v, call.plan
+    batch, q_heads, nq, _ = q.shape
+    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, q_heads, nq, dtype=torch.float32, device=q.device)
+    if plan.leaf_start is None:  # non-causal or flat causal: one fused launch
+        _approx_forward(call, 0, out, lse, merge=False)
+        return out, lse
+    acc = out
+    if plan.levels:
+        acc = torch.empty(out.shape, dtype=torch.float32, device=q.device)
+        lse.fill_(float("-inf"))
+        for level in range(len(plan.levels)):
+            _approx_forward(call, level, acc, lse, merge=True)
+    grid = (triton.cdiv(nq, call.tune.block_m), batch * q_heads)
+    _diag_fwd_kernel[grid](
+        q, k, v, acc, out, lse, plan.leaf_start,
+        call.scale * LOG2E,
+        *call.strides(q, k, v, out),
+        q_heads, nq,
+        BLOCK_M=call.tune.block_m, BLOCK_N=call.tune.block_n, MERGE=bool(plan.levels),
+        num_stages=call.tune.stages, **call.shape_kwargs(call.tune.fwd_warps),
+    )  # fmt: skip
+    return out, lse
+
+
+def _approx_forward(call: _Call, index: int, out, lse, merge: bool) -> None:
+    q, k, v, level = call.q, call.k, call.v, call.plan.levels[index]
+    batch, q_heads, nq, _ = q.shape
+    grid = (level.q_tiles.shape[0], batch * q_heads)
+    _approx_fwd_kernel[grid](
+        q, k, v, out, lse,
+        call.q_order[index], call.k_order[index], call.k_inverse[index], _samples(level),
+        level.subs, level.q_tiles,
+        call.scale * LOG2E,
+        *call.strides(q, k, v, out),
+        batch, q_heads, k.shape[1], nq, k.shape[2], level.samples.shape[-1],
+        call.cfg.block_size,
+        BLOCK_M=call.tune.block_m, BLOCK_N=call.tune.block_n, MERGE=merge,
+        ONLY_PAST=call.plan.only_past, num_stages=call.tune.stages,
+        **call.shape_kwargs(call.tune.fwd_warps),
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- backward
+@triton.jit
+def _delta_kernel(OUT, DO, DELTA, stride_ob, stride_oh, stride_on, stride_db, stride_dh,
+                  stride_dn, heads, n, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BLOCK: tl.constexpr):  # fmt: skip
+    """DELTA[b, h, i] = sum_d OUT[b, h, i, d] * DO[b, h, i, d] in fp32."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // heads
+    h = pid_bh % heads
+    rows = pid_n * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK_DV)
+    mask = (rows < n)[:, None] & (cols < DV)[None, :]
+    o_offs = b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    d_offs = b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
+    o = tl.load(OUT + o_offs + rows[:, None].to(tl.int64) * stride_on + cols[None, :], mask=mask)
+    do = tl.load(DO + d_offs + rows[:, None].to(tl.int64) * stride_dn + cols[None, :], mask=mask)
+    total = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * n + rows, total, mask=rows < n)
+
+
+def hyper_attention_backward(
+    grad_out, q, k, v, *, is_causal: bool, scale: float | None, config: HyperConfig
+):
+    """True gradients of the approximation (through the gathers and the log-sum-exp merge).
+
+    Recomputes (out, lse) with the forward kernels, then runs the backward kernels with the
+    merged lse, so every part's probabilities are its share of the final softmax.
+
+    Returns:
+        (dq [B, Hq, Nq, D], dk [B, Hkv, Nk, D], dv [B, Hkv, Nk, Dv]) in the inputs' dtypes.
+    """
+    call = _setup(q, k, v, is_causal, scale, config)
+    out, lse = _forward(call)
+    q, k, v, plan, tune = call.q, call.k, call.v, call.plan, call.tune
+    grad_out = _last_dim_contiguous(grad_out)
+    batch, q_heads, nq, dim = q.shape
+    kv_heads, nk, dim_v = k.shape[1], k.shape[2], v.shape[-1]
+
+    delta = torch.empty_like(lse)
+    _delta_kernel[(triton.cdiv(nq, 64), batch * q_heads)](
+        out, grad_out, delta, *call.strides(out, grad_out), q_heads, nq,
+        DV=dim_v, BLOCK_DV=triton.next_power_of_2(dim_v), BLOCK=64,
+    )  # fmt: skip
+    dq = torch.empty(batch, q_heads, nq, dim, dtype=torch.float32, device=q.device)
+    dk = torch.empty(batch, kv_heads, nk, dim, dtype=torch.float32, device=q.device)
+    dv = torch.empty(batch, kv_heads, nk, dim_v, dtype=torch.float32, device=q.device)
+    common = (call.scale, call.scale * LOG2E, *call.strides(q, k, v, grad_out))
+    kw = call.shape_kwargs(tune.bwd_warps)
+
+    diagonal = plan.leaf_start is not None
+    if diagonal:
+        _diag_dq_kernel[(triton.cdiv(nq, tune.block_m), batch * q_heads)](
+            q, k, v, grad_out, lse, delta, dq, plan.leaf_start, *common, q_heads, nq,
+            BLOCK_M=tune.block_m, BLOCK_N=tune.block_n, **kw,
+        )  # fmt: skip
+        _diag_dkdv_kernel[(triton.cdiv(nk, tune.block_n), batch * kv_heads)](
+            q, k, v, grad_out, lse, delta, dk, dv, plan.leaf_start, plan.leaf_end, *common,
+            q_heads, kv_heads, nq,
+            BLOCK_M=tune.bwd_block_m, BLOCK_N=tune.block_n, **kw,
+        )  # fmt: skip
+
+    for index, level in enumerate(plan.levels):
+        q_ord, k_ord, k_inv = call.q_order[index], call.k_order[index], call.k_inverse[index]
+        n_samples = level.samples.shape[-1]
+        _approx_dq_kernel[(level.q_tiles.shape[0], batch * q_heads)](
+            q, k, v, grad_out, lse, delta, dq, q_ord, k_ord, k_inv, _samples(level),
+            level.subs, level.q_tiles, *common,
+            batch, q_heads, kv_heads, nq, nk, n_samples, call.cfg.block_size,
+            BLOCK_M=tune.block_m, BLOCK_N=tune.block_n, ACCUMULATE=diagonal,
+            ONLY_PAST=plan.only_past, **kw,
+        )  # fmt: skip
+        _approx_dkdv_block_kernel[(level.k_tiles.shape[0], batch * kv_heads)](
+            q, k, v, grad_out, lse, delta, dk, dv, q_ord, k_ord, level.subs, level.k_tiles,
+            *common, q_heads, kv_heads, nq, nk, call.cfg.block_size,
+            BLOCK_M=tune.bwd_block_m, BLOCK_N=tune.block_n,
+            ACCUMULATE=diagonal, ONLY_PAST=plan.only_past, **kw,
+        )  # fmt: skip
+        if level.s_tiles.shape[0]:
+            _approx_dkdv_sample_kernel[(level.s_tiles.shape[0], batch * kv_heads)](
+                q, k, v, grad_out, lse, delta, dk, dv, q_ord, k_inv, level.samples,
+                level.subs, level.s_tiles, *common,
+                batch, q_heads, kv_heads, nq, nk, n_samples, call.cfg.block_size,
+                level.q_split,
+                BLOCK_M=tune.bwd_block_m, BLOCK_N=tune.block_n, ONLY_PAST=plan.only_past, **kw,
+            )  # fmt: skip
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
