@@ -1,0 +1,179 @@
+"""The torch.compile backend: rewrite attention (``hyperpass.fx_pass``), then compile.
+
+    model = torch.compile(model, backend=hyperpass.backend(min_len=4096, block_size=256))
+    model = torch.compile(model, backend="hyperpass")   # the defaults
+
+The rewrite runs on the Dynamo graph before AOTAutograd, so the op's own autograd is used; the
+rewritten graph goes to Inductor (default), ``aot_eager`` or ``eager``. Nothing global is changed:
+no Inductor config, no custom pass left installed.
+
+The name ``"hyperpass"`` is found through the ``torch_dynamo_backends`` entry point of an
+installed hyperpass; this module also registers it when that entry point is missing (a plain
+checkout on ``sys.path``). Must not import the kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+from collections.abc import Callable, Mapping
+
+from hyperpass.config import HyperConfig, field_names
+from hyperpass.fx_pass import RewriteOptions, rewrite_graph
+
+log = logging.getLogger("hyperpass")
+
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+BACKEND_NAME = "hyperpass"
+
+
+def make_options(
+    min_len: int = 4096,
+    *,
+    layers: str | list[str] | tuple[str, ...] | None = None,
+    last_n_layers: int | None = None,
+    overrides: Mapping[str, Mapping[str, object]] | None = None,
+    **params,
+) -> RewriteOptions:
+    """Validate the backend's options into a :class:`~hyperpass.fx_pass.RewriteOptions`.
+
+    Raises:
+        TypeError: an unknown parameter name, or an option of the wrong type.
+        ValueError: a parameter or option out of range (the message names it).
+    """
+    config = HyperConfig().replace(min_len=min_len, **params)
+    if isinstance(layers, str):
+        layers = (layers,)
+    if layers is not None:
+        if not all(isinstance(p, str) for p in layers):
+            raise TypeError(f"layers must be a str or a list of str patterns, got {layers!r}")
+        layers = tuple(layers)
+    if last_n_layers is not None and (
+        isinstance(last_n_layers, bool) or not isinstance(last_n_layers, int) or last_n_layers < 0
+    ):
+        raise ValueError(f"last_n_layers must be an int >= 0 or None, got {last_n_layers!r}")
+    pairs = []
+    for pattern, changes in (overrides or {}).items():
+        if not isinstance(pattern, str) or not isinstance(changes, Mapping):
+            raise TypeError(
+                f"overrides must map str patterns to dicts of parameters, got {pattern!r}: "
+                f"{changes!r}"
+            )
+        unknown = set(changes) - set(field_names())
+        if unknown:
+            raise TypeError(
+                f"overrides[{pattern!r}] has unknown parameter(s) {sorted(unknown)}; "
+                f"known: {list(field_names())}"
+            )
+        config.replace(**changes)  # validates the values now, not at the first site
+        pairs.append((pattern, tuple(changes.items())))
+    return RewriteOptions(config, layers, last_n_layers, tuple(pairs))
+
+
+def backend(
+    min_len: int = 4096,
+    *,
+    inner: str | Callable = "inductor",
+    layers: str | list[str] | None = None,
+    last_n_layers: int | None = None,
+    overrides: Mapping[str, Mapping[str, object]] | None = None,
+    **params,
+) -> Callable:
+    """A ``torch.compile`` backend that rewrites attention into ``hyper_attention``.
+
+    Args:
+        min_len: sequences shorter than this stay exact. Static lengths below it are left
+            untouched at compile time; symbolic lengths are decided by the op at run time.
+        inner: the compiler of the rewritten graph: ``"inductor"``, ``"aot_eager"``,
+            ``"eager"``, or a backend callable.
+        layers: module-path patterns (glob or regex, full match, e.g.
+            ``"model.layers.*.self_attn"``) of the sites to rewrite; None: all.
+        last_n_layers: rewrite only the last N attention sites (by layer index), as the
+            HyperAttention paper patched only the final layers; None: all.
+        overrides: ``{pattern: {parameter: value}}``: per-site HyperConfig fields.
+        **params: HyperConfig fields (``block_size``, ``sample_size``, ``window``...).
+
+    Returns:
+        ``compile_fn(gm, example_inputs) -> callable``, with ``compile_fn.options`` and
+        ``compile_fn.reports`` (the :class:`~hyperpass.report.SiteReport` of every site of every
+        graph it compiled).
+
+    Raises:
+        TypeError: an unknown parameter or inner compiler type.
+        ValueError: a value out of range, or an unknown inner compiler name.
+    """
+    options = make_options(
+        min_len, layers=layers, last_n_layers=last_n_layers, overrides=overrides, **params
+    )
+    if isinstance(inner, str) and inner not in INNER_COMPILERS:
+        raise ValueError(f"inner must be one of {INNER_COMPILERS} or a callable, got {inner!r}")
+    if not isinstance(inner, str) and not callable(inner):
+        raise TypeError(f"inner must be a str or a callable, got {type(inner).__name__}")
+
+    reports: list = []
+
+    def hyperpass_compile(gm, example_inputs):
+        reports.extend(rewrite_graph(gm, example_inputs, options))
+        return _inner_compile(inner, gm, example_inputs)
+
+    hyperpass_compile.options = options
+    hyperpass_compile.inner = inner
+    hyperpass_compile.reports = reports  # every site of every graph this backend compiled
+    return hyperpass_compile
+
+
+def _inner_compile(inner, gm, example_inputs):
+    if callable(inner):
+        return inner(gm, example_inputs)
+    if inner == "eager":
+        return gm.forward
+    if inner == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def hyperpass_backend(gm, example_inputs):
+    """The default backend (``torch.compile(model, backend="hyperpass")``): every attention
+    site with the default :class:`~hyperpass.config.HyperConfig`, then Inductor."""
+    return _DEFAULT(gm, example_inputs)
+
+
+_DEFAULT = backend()
+
+
+def _register_name() -> None:
+    """Register ``"hyperpass"`` unless the installed entry point already provides it.
+
+    Registering both would make Dynamo's lookup fail with "duplicate name": it loads the entry
+    point (importing this module) and then registers what it loaded.
+    """
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends import registry
+
+    if any(ep.name == BACKEND_NAME for ep in entry_points(group="torch_dynamo_backends")):
+        return
+    if BACKEND_NAME not in registry._COMPILER_FNS:
+        registry.register_backend(hyperpass_backend, name=BACKEND_NAME)
+
+
+class _CallableModule(types.ModuleType):
+    """``hyperpass.backend`` is both this module and :func:`backend`: importing the submodule
+    sets the package attribute ``backend`` to the module, so the module forwards calls.
+    Passed uncalled as a backend (``backend=hyperpass.backend``), it is the default backend."""
+
+    def __call__(self, *args, **kwargs):
+        import torch.fx
+
+        if args and isinstance(args[0], torch.fx.GraphModule):
+            return hyperpass_backend(*args, **kwargs)
+        return backend(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+_register_name()
