@@ -7,6 +7,7 @@ others run everywhere (TensorRT is not installable on the CI machines).
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 import types
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 import hyperpass
 from hyperpass import deploy_attrs
 from hyperpass import tensorrt as hp_trt
+from hyperpass.config import HyperConfig
 
 hyperpass_onnx = pytest.importorskip("hyperpass.onnx")
 
@@ -194,3 +196,72 @@ def test_torch_tensorrt_converter_matches_the_op():
     compiled = torch_tensorrt.compile(model, ir="dynamo", inputs=args, min_block_size=1)
     torch.testing.assert_close(compiled(*args), model(*args))
     assert np.isfinite(compiled(*args).cpu().numpy()).all()
+
+
+# ----------------------------------------------------------------------------- a stand-in TensorRT
+class _Desc:
+    """Stands in for tensorrt.plugin.TensorDesc: a shape expression and ``like()``."""
+
+    def __init__(self, shape):
+        self.shape_expr = list(shape)
+
+    def like(self):
+        return _Desc(self.shape_expr)
+
+
+def _fake_tensorrt(monkeypatch, registry):
+    def decorator(kind):
+        def named(plugin_id):
+            def record(fn):
+                registry[(plugin_id, kind)] = fn
+                return fn
+
+            return record
+
+        return named
+
+    plugin = types.SimpleNamespace(
+        TensorDesc=_Desc,
+        Tensor=type("Tensor", (), {}),
+        AutoTuneCombination=lambda types_, layouts: (types_, layouts),
+        register=decorator("register"),
+        autotune=decorator("autotune"),
+        impl=decorator("impl"),
+    )
+    trt = types.SimpleNamespace(__version__="10.8.0", plugin=plugin)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", plugin)
+    monkeypatch.setattr(hp_trt, "_registered", False)
+    return plugin
+
+
+def test_register_plugin_signatures_follow_tensorrt_rules(monkeypatch):
+    """What tensorrt.plugin checks at registration (its _validate.py), on a stand-in module."""
+    registry = {}
+    plugin = _fake_tensorrt(monkeypatch, registry)
+    hp_trt.register_plugin()
+    shape = registry[(hp_trt.PLUGIN_ID, "register")]
+    impl = registry[(hp_trt.PLUGIN_ID, "impl")]
+    autotune = registry[(hp_trt.PLUGIN_ID, "autotune")]
+    fields = hp_trt.plugin_fields()
+
+    sig = inspect.signature(shape)
+    assert sig.return_annotation is plugin.TensorDesc
+    for name, param in sig.parameters.items():  # annotated with real types, no defaults
+        assert param.default is inspect.Parameter.empty, name
+        expected = plugin.TensorDesc if name in ("q", "k", "v") else fields[name]
+        assert param.annotation is expected, name
+    impl_sig = inspect.signature(impl)
+    assert list(impl_sig.parameters) == ["q", "k", "v", *fields, "outputs", "stream"]
+    assert all(not isinstance(p.annotation, str) for p in impl_sig.parameters.values())
+    assert list(inspect.signature(autotune).parameters) == ["q", "k", "v", "outputs"]
+    assert inspect.signature(autotune).return_annotation is inspect.Signature.empty
+
+    # the output shape: q's [B, Hq, N] with v's head dim
+    values = {"q": _Desc(("B", 8, "N", 64)), "k": _Desc(("B", 2, "N", 64))}
+    values["v"] = _Desc(("B", 2, "N", 32))
+    attrs = deploy_attrs.node_attributes(scale=0.125, causal=True, config=HyperConfig())
+    out = shape(**values, **{name: attrs[name] for name in fields})
+    assert out.shape_expr == ["B", 8, "N", 32]
+    ((dtypes, layout),) = autotune(None, None, None, None)
+    assert dtypes.split(", ") == ["FP32|FP16|BF16"] * 4 and layout == "LINEAR"
