@@ -1,0 +1,302 @@
+"""Speed of the HyperAttention Triton kernels vs exact SDPA (cuDNN default, flash backend).
+
+Settings (issue 4): B=1, H=12, D=64 (the paper's) and B=1, 32 query / 8 KV heads, D=128;
+n = 4096 ... 131072; causal and non-causal; forward and forward+backward; bf16; config
+block 256, 256 samples, exact below 4096 (HyperConfig defaults). Times are medians of CUDA-event
+timed runs after a warm-up; fwd+bwd of the kernels is their forward plus their backward (which
+recomputes the forward, as the op does). Peak memory is ``torch.cuda.max_memory_allocated`` during
+the call, inputs included. "rel err" is ||out - exact|| / ||exact|| against SDPA's output on the
+same inputs (Gaussian inputs: see docs/performance.md on what that error means).
+
+FLOPs of exact attention: 4 * B * Hq * Nq * Nk * D (halved when causal), forward only.
+
+    python benchmarks/bench_attention.py --out $OUT/bench.json --png $OUT/speedup.png
+    python benchmarks/bench_attention.py --plot-only bench.json --png docs/speedup.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SETTINGS = {
+    "paper": dict(batch=1, q_heads=12, kv_heads=12, dim=64),
+    "llama": dict(batch=1, q_heads=32, kv_heads=8, dim=128),
+}
+LENGTHS = [4096, 8192, 16384, 32768, 65536, 131072]
+REFERENCE_MAX_N = 8192
+
+
+def timed(fn, budget_ms: float = 300.0, max_iters: int = 50) -> float:
+    """Median milliseconds of ``fn()`` over enough runs to fill about ``budget_ms``."""
+    import torch
+
+    fn()  # warm-up (and compile)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    first = start.elapsed_time(end)
+    iters = int(max(3, min(max_iters, budget_ms / max(first, 1e-3))))
+    times = []
+    for _ in range(iters):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_mb(fn) -> float:
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def implementations(setting: dict, causal: bool):
+    """name -> (forward fn, forward+backward fn) over (q, k, v, grad)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hyperpass import kernels
+    from hyperpass.config import HyperConfig
+    from hyperpass.reference import hyper_attention_reference
+
+    gqa = setting["q_heads"] != setting["kv_heads"]
+
+    def sdpa(backend):
+        def fwd(q, k, v, g):
+            if backend is None:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+        def fwd_bwd(q, k, v, g):
+            out = fwd(q, k, v, g)
+            return torch.autograd.grad(out, (q, k, v), g)
+
+        return fwd, fwd_bwd
+
+    def hyper(algo):
+        cfg = HyperConfig(causal_algo=algo)
+
+        def fwd(q, k, v, g):
+            return kernels.hyper_attention_forward(
+                q, k, v, is_causal=causal, scale=None, config=cfg
+            )[0]
+
+        def fwd_bwd(q, k, v, g):
+            fwd(q, k, v, g)
+            return kernels.hyper_attention_backward(
+                g, q, k, v, is_causal=causal, scale=None, config=cfg
+            )
+
+        return fwd, fwd_bwd
+
+    def reference(q, k, v, g):
+        return hyper_attention_reference(q, k, v, is_causal=causal, config=HyperConfig())[0]
+
+    def reference_bwd(q, k, v, g):
+        return torch.autograd.grad(reference(q, k, v, g), (q, k, v), g)
+
+    impls = {
+        "sdpa": sdpa(None),
+        "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "hyper": hyper("recursive"),
+    }
+    if causal:
+        impls["hyper_flat"] = hyper("flat")
+    impls["reference"] = (reference, reference_bwd)
+    return impls
+
+
+def run(settings, lengths, masks, with_backward: bool) -> list[dict]:
+    import torch
+
+    rows: list[dict] = []
+    for name in settings:
+        for n in lengths:
+            bench_length(name, n, masks, with_backward, rows)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_length(name: str, n: int, masks, with_backward: bool, rows: list[dict]) -> None:
+    import torch
+
+    s = SETTINGS[name]
+    gen = torch.Generator(device="cuda").manual_seed(n)
+
+    def make(heads):
+        shape = (s["batch"], heads, n, s["dim"])
+        x = torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16)
+        return x.requires_grad_(True)
+
+    q, k, v = make(s["q_heads"]), make(s["kv_heads"]), make(s["kv_heads"])
+    g = torch.randn_like(q)
+    for causal in masks:
+        exact = None
+        base = {}
+        for impl, (fwd, fwd_bwd) in implementations(s, causal).items():
+            if impl == "reference" and n > REFERENCE_MAX_N:
+                continue
+            passes = [("fwd", fwd)] + ([("fwd+bwd", fwd_bwd)] if with_backward else [])
+            for kind, fn in passes:
+                row = {
+                    "setting": name, **s, "n": n, "causal": causal, "impl": impl,
+                    "pass": kind, "dtype": "bfloat16",
+                }  # fmt: skip
+                call = lambda fn=fn: fn(q, k, v, g)  # noqa: E731
+                try:
+                    with torch.no_grad() if kind == "fwd" else torch.enable_grad():
+                        ms = timed(call)
+                        mem = peak_mb(call)
+                        if kind == "fwd":
+                            out = call().detach()
+                            if impl == "sdpa":
+                                exact = out
+                            if exact is not None:
+                                err = (out.float() - exact.float()).norm()
+                                row["rel_err"] = (err / exact.float().norm()).item()
+                    row.update(ms=ms, peak_mb=mem)
+                    if impl == "sdpa":
+                        base[kind] = ms
+                    if kind in base:
+                        row["speedup_vs_sdpa"] = base[kind] / ms
+                except Exception as err:  # out of memory, unsupported backend...
+                    row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+                rows.append(row)
+                print(format_row(row), flush=True)
+                torch.cuda.empty_cache()
+
+
+def format_row(r: dict) -> str:
+    mask = "causal" if r["causal"] else "full"
+    if "error" in r:
+        return f"{r['setting']:6} {r['n']:7} {mask:6} {r['pass']:8} {r['impl']:11} {r['error']}"
+    speed = f"{r['speedup_vs_sdpa']:8.2f}x" if "speedup_vs_sdpa" in r else " " * 9
+    err = f"{r['rel_err']:.3f}" if "rel_err" in r else "-"
+    return (
+        f"{r['setting']:6} {r['n']:7} {mask:6} {r['pass']:8} {r['impl']:11} "
+        f"{r['ms']:10.3f} ms {speed} {r['peak_mb']:9.0f} MB  rel_err {err}"
+    )
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = sorted({r["setting"] for r in rows})
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
+    for ax, setting in zip(axes[0], settings, strict=True):
+        for impl in ("hyper", "hyper_flat", "sdpa_flash"):
+            for causal in (False, True):
+                for kind, style in (("fwd", "-"), ("fwd+bwd", "--")):
+                    pts = [
+                        (r["n"], r["speedup_vs_sdpa"])
+                        for r in rows
+                        if r["setting"] == setting and r["impl"] == impl
+                        and r["causal"] == causal and r["pass"] == kind
+                        and "speedup_vs_sdpa" in r
+                    ]  # fmt: skip
+                    if pts:
+                        xs, ys = zip(*sorted(pts), strict=True)
+                        label = f"{impl} {'causal' if causal else 'full'} {kind}"
+                        ax.plot(xs, ys, style, marker="o", label=label)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length n")
+        ax.set_ylabel("speedup vs SDPA default (cuDNN)")
+        ax.set_title(setting)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def profile(setting: str, n: int) -> None:
+    """Per-kernel CUDA time of the hyper kernels at one length (guides optimization)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    s = SETTINGS[setting]
+    q = torch.randn(s["batch"], s["q_heads"], n, s["dim"], device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(s["batch"], s["kv_heads"], n, s["dim"], device="cuda", dtype=torch.bfloat16)
+    v, g = torch.randn_like(k), torch.randn_like(q)
+    for causal in (False, True):
+        impls = implementations(s, causal)
+        for impl in ("hyper", "hyper_flat"):
+            if impl not in impls:
+                continue
+            for kind, fn in zip(("fwd", "fwd+bwd"), impls[impl], strict=True):
+                fn(q, k, v, g)
+                torch.cuda.synchronize()
+                with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    fn(q, k, v, g)
+                    torch.cuda.synchronize()
+                print(f"== profile {setting} n={n} causal={causal} {impl} {kind}", flush=True)
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+                print(table, flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    parser.add_argument("--lengths", nargs="+", type=int, default=LENGTHS)
+    parser.add_argument("--masks", nargs="+", default=["full", "causal"])
+    parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--out", default=None, help="JSON output")
+    parser.add_argument("--png", default=None, help="speedup plot")
+    parser.add_argument("--plot-only", default=None, help="draw --png from this JSON")
+    parser.add_argument("--profile", type=int, default=0, help="profile the kernels at this n")
+    args = parser.parse_args()
+    if args.profile:
+        profile(args.settings[0], args.profile)
+        return 0
+    if args.plot_only:
+        with open(args.plot_only) as f:
+            plot(json.load(f)["rows"], args.png)
+        return 0
+    import torch
+    import triton
+
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(json.dumps(meta), flush=True)
+    masks = [m == "causal" for m in args.masks]
+    rows = run(args.settings, args.lengths, masks, not args.no_backward)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    if args.png:
+        try:
+            plot(rows, args.png)
+        except ImportError:
+            print("matplotlib missing: draw the PNG later with --plot-only", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
