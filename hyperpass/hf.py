@@ -40,8 +40,8 @@ def _select_layer(module, layers: frozenset[int] | None, last_n_layers: int | No
         return False
     if layers is not None:
         return idx in layers
-    n_layers = module.config.num_hidden_layers
-    return idx >= n_layers - last_n_layers
+    n_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+    return n_layers is not None and idx >= n_layers - last_n_layers
 
 
 def _make_attention(config: HyperConfig, report: RoutingReport, layers, last_n_layers):

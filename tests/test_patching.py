@@ -241,6 +241,23 @@ def test_user_torch_compile_traces_the_patch_without_breaks(model, x):
     assert patching.report(model).totals().traced == 3
 
 
+def test_user_torch_compile_recompiles_no_more_than_unpatched(model):
+    """New lengths recompile the patched model exactly as often as the unpatched one."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    frames = []
+    for patched in (False, True):
+        torch._dynamo.reset()
+        if patched:
+            hyperpass.patch(model, **APPROX)
+        counter = CompileCounterWithBackend("eager")
+        compiled = torch.compile(model, backend=counter, fullgraph=True)
+        for n in (32, 48, 64, 80):
+            compiled(torch.randn(1, n, DIM))
+        frames.append(counter.frame_count)
+    assert frames[1] == frames[0]
+
+
 def _backend_available():
     try:
         import hyperpass.backend  # noqa: F401
