@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
 
 import onnx
 import onnx_ir as ir
@@ -151,6 +152,57 @@ def attach_reference_function(model: ir.Model) -> None:
     model.functions[function.identifier()] = function
 
 
+def _dim_names(model, args: tuple, dynamic_shapes) -> list[dict[int, str]]:
+    """Per tensor input, axis -> the name of the user's ``Dim`` (for readable symbolic dims)."""
+    if isinstance(dynamic_shapes, dict):
+        forward = model.forward if isinstance(model, torch.nn.Module) else model
+        names = list(inspect.signature(forward).parameters)
+        specs = [dynamic_shapes.get(name) for name in names[: len(args)]]
+    else:
+        specs = list(dynamic_shapes)
+    names_per_input = []
+    for arg, spec in zip(args, specs, strict=False):
+        if not isinstance(arg, torch.Tensor):
+            continue
+        axes = spec.items() if isinstance(spec, dict) else enumerate(spec or ())
+        names_per_input.append(
+            {
+                axis: dim.__name__
+                for axis, dim in axes
+                if isinstance(getattr(dim, "__name__", 0), str)
+            }
+        )
+    return names_per_input
+
+
+def _tidy_dims(model: ir.Model, names_per_input: list[dict[int, str]]) -> None:
+    """Name the exporter's symbols (``s33``) after the user's ``Dim`` names (``batch``), and make
+    the ones ``Dim.AUTO`` specialized (a symbol spelled ``"32"``) static."""
+    mapping = {}
+    if len(names_per_input) == len(model.graph.inputs):  # else specs and inputs do not line up
+        for value, names in zip(model.graph.inputs, names_per_input, strict=True):
+            for axis, name in names.items():
+                dim = value.shape[axis] if value.shape is not None else None
+                if isinstance(dim, ir.SymbolicDim) and dim.value is not None:
+                    mapping.setdefault(dim.value, name)
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, mapping)) + r")\b") if mapping else None
+
+    def tidy(dim):
+        if not isinstance(dim, ir.SymbolicDim) or dim.value is None:
+            return dim
+        if dim.value.isdigit():
+            return int(dim.value)
+        return ir.SymbolicDim(
+            pattern.sub(lambda m: mapping[m[1]], dim.value) if pattern else dim.value
+        )
+
+    values = [*model.graph.inputs, *model.graph.outputs]
+    values += [out for node in model.graph.all_nodes() for out in node.outputs]
+    for value in values:
+        if value.shape is not None:
+            value.shape = ir.Shape([tidy(d) for d in value.shape])
+
+
 def _auto_dynamic_shapes(args: tuple):
     auto = torch.export.Dim.AUTO
     return tuple(
@@ -190,6 +242,7 @@ def export(model, args, path, *, dynamic_shapes=None, **export_kwargs):
         program, args, dynamo=True, custom_translation_table=table, **export_kwargs
     )
     attach_reference_function(onnx_program.model)
+    _tidy_dims(onnx_program.model, _dim_names(model, args, dynamic_shapes))
     log.info("hyperpass.onnx: %d HyperAttention node(s) -> %s", sites, path)
     onnx_program.save(path)
     return onnx_program

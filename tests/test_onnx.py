@@ -106,7 +106,7 @@ def test_batch_and_sequence_dims_are_symbolic(exported):
     _, model = exported
     for value in [*model.graph.input, *model.graph.output]:
         dims = value.type.tensor_type.shape.dim
-        assert dims[0].dim_param and dims[2].dim_param, value.name
+        assert (dims[0].dim_param, dims[2].dim_param) == ("batch", "seq"), value.name
         assert dims[3].dim_value == HEAD_DIM
 
 
@@ -201,3 +201,42 @@ def test_node_attributes_round_trip_and_errors():
         deploy_attrs.parse_attributes({**attrs, "blocksize": 1})
     with pytest.raises(ValueError, match="block_size"):
         deploy_attrs.parse_attributes({**attrs, "block_size": 20})
+
+
+class Block(torch.nn.Module):
+    """A causal GQA attention block written the way models write it (SDPA, no hyperpass)."""
+
+    def __init__(self, dim=32, heads=4, kv_heads=2):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q = torch.nn.Linear(dim, dim)
+        self.kv = torch.nn.Linear(dim, 2 * kv_heads * self.head_dim)
+        self.o = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        kv = self.kv(x).view(b, n, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, kv[0], kv[1], is_causal=True, enable_gqa=True)
+        return self.o(a.transpose(1, 2).reshape(b, n, -1))
+
+
+def test_patched_model_with_default_dynamic_shapes(tmp_path):
+    """The user's path: patch an unmodified model, export in one call (Dim.AUTO), run in ORT."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Block(), Block()).eval()
+    path = tmp_path / "patched.onnx"
+    hyperpass.patch(model, min_len=16, block_size=16, sample_size=16)
+    try:
+        hyperpass_onnx.export(model, (torch.randn(2, 40, 32),), path)
+    finally:
+        hyperpass.unpatch(model)
+    onnx_model = onnx.load(path)
+    onnx.checker.check_model(onnx_model, full_check=True)
+    assert len(_nodes(onnx_model)) == 2
+    dims = onnx_model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and dims[1].dim_param and dims[2].dim_value == 32
+    for n in (9, 70):
+        x = torch.randn(3, n, 32)
+        (out,) = _run(path, x)
+        torch.testing.assert_close(out, model(x))  # the un-patched model: exact attention
