@@ -286,3 +286,24 @@ def test_compile_mode_rewrites_hand_written_attention(x):
     assert [(s.form != "sdpa", s.rewritten) for s in sites] == [(True, True)]
     hyperpass.unpatch(module)
     assert "forward" not in vars(module)
+
+
+def test_nested_patches_use_the_innermost_settings(model, x):
+    hyperpass.patch(model, **EXACT)
+    inner = model.layers[0]
+    hyperpass.patch(inner, min_len=128)  # a second patch on a submodule: its own settings
+    model(x)
+    assert patching.report(model).totals().approximated == 2
+    assert patching.report(inner).totals().exact == {"sequence 64 shorter than min_len=128": 1}
+    hyperpass.unpatch(inner)
+    hyperpass.unpatch(model)
+
+
+def test_an_exception_in_forward_ends_the_routing(model, x):
+    hyperpass.patch(model, **APPROX)
+    with pytest.raises(RuntimeError):
+        model(x[..., :5])  # wrong width: the first Linear raises
+    assert patching.report(model).totals().calls == 0
+    q = torch.randn(1, 2, 64, 16)
+    F.scaled_dot_product_attention(q, q, q)
+    assert patching.report(model).totals().calls == 0  # outside the module: not routed
