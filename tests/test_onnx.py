@@ -27,8 +27,10 @@ class TwoSites(torch.nn.Module):
 
     def forward(self, q, k, v):
         long = hyperpass.hyper_attention(q, k, v, is_causal=True, enable_gqa=True, **LONG)
-        group = q.shape[1] // k.shape[1]
-        k_full, v_full = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        b, hkv, n, d = k.shape
+        group = q.shape[1] // hkv
+        k_full = k[:, :, None].expand(b, hkv, group, n, d).reshape(b, hkv * group, n, d)
+        v_full = v[:, :, None].expand(b, hkv, group, n, d).reshape(b, hkv * group, n, d)
         short = hyperpass.hyper_attention(q, k_full, v_full, scale=0.25, **SHORT)
         return long, short
 

@@ -265,3 +265,38 @@ def test_register_plugin_signatures_follow_tensorrt_rules(monkeypatch):
     assert out.shape_expr == ["B", 8, "N", 32]
     ((dtypes, layout),) = autotune(None, None, None, None)
     assert dtypes.split(", ") == ["FP32|FP16|BF16"] * 4 and layout == "LINEAR"
+
+
+class _CudaBuffer:
+    """Stands in for tensorrt.plugin.Tensor: a device buffer torch reads through its interface."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    @property
+    def __cuda_array_interface__(self):
+        return self.tensor.__cuda_array_interface__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_impl_on_a_cuda_stream(monkeypatch):
+    """The registered impl, called as TensorRT calls it: buffers, fields, outputs, a stream."""
+    registry = {}
+    _fake_tensorrt(monkeypatch, registry)
+    hp_trt.register_plugin()
+    impl = registry[(hp_trt.PLUGIN_ID, "impl")]
+    model = Attention(is_causal=True, enable_gqa=True, **LONG)
+    attrs = deploy_attrs.node_attributes(scale=16**-0.5, causal=True, config=HyperConfig(**LONG))
+    fields = {name: attrs[name] for name in hp_trt.plugin_fields()}
+    for n in (12, 200):  # exact below min_len, the kernels above
+        q, k, v = _qkv(batch=2, n=n, device="cuda", seed=n)
+        out = torch.full_like(q, float("nan"))
+        stream = torch.cuda.Stream()
+        impl(
+            *(_CudaBuffer(t) for t in (q, k, v)),
+            **fields,
+            outputs=(_CudaBuffer(out),),
+            stream=stream.cuda_stream,
+        )
+        stream.synchronize()
+        torch.testing.assert_close(out, model(q, k, v))
