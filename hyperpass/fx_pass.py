@@ -317,7 +317,9 @@ def rewrite_graph(
     keep = _last_n(sites, options.last_n_layers)
     reports = []
     changed = False
+    replaced: dict = {}  # a rewritten site's old output -> its new one (sites can chain)
     for i, site in enumerate(sites):
+        site.q, site.k, site.v = (replaced.get(t, t) for t in (site.q, site.k, site.v))
         cfg = options.config_for(site.module)
         selected = options.selected(site.module) and i in keep
         code, reason = decide(site, cfg, selected)
@@ -342,7 +344,7 @@ def rewrite_graph(
         )
         reports.append(report)
         if not code and not dry_run:
-            _replace(gm, site, k, v, gqa, report.is_causal, cfg)
+            replaced[site.out] = _replace(gm, site, k, v, gqa, report.is_causal, cfg)
             changed = True
     if changed:
         gm.graph.eliminate_dead_code()
@@ -375,7 +377,7 @@ def _native_gqa(site: Site):
     return site.k, site.v, gqa
 
 
-def _replace(gm, site: Site, k, v, gqa: bool, is_causal: bool, cfg: HyperConfig) -> None:
+def _replace(gm, site: Site, k, v, gqa: bool, is_causal: bool, cfg: HyperConfig) -> fx.Node:
     graph = gm.graph
     with graph.inserting_before(site.out):
         q = site.q
@@ -392,6 +394,7 @@ def _replace(gm, site: Site, k, v, gqa: bool, is_causal: bool, cfg: HyperConfig)
             new.meta.setdefault(key, site.out.meta[key])
     site.out.replace_all_uses_with(out)
     graph.erase_node(site.out)
+    return out
 
 
 def _scale_value(graph, site: Site):

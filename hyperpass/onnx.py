@@ -29,7 +29,7 @@ from hyperpass.op import hyper_attention_op
 
 log = logging.getLogger("hyperpass")
 
-__all__ = ["export", "translation_table", "register_schema"]
+__all__ = ["attach_reference_function", "export", "register_schema", "translation_table"]
 
 _SDPA_OP = torch.ops.aten.scaled_dot_product_attention.default
 
@@ -61,7 +61,11 @@ def register_schema() -> None:
         ],
         outputs=[onnx.defs.OpSchema.FormalParameter("out", tensor, "[B, Hq, Nq, Dv]")],
         type_constraints=[
-            (tensor, ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float types")
+            (
+                tensor,
+                ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"],
+                "floats",
+            )
         ],
         attributes=[
             onnx.defs.OpSchema.Attribute(a.name, attr_types[a.type], a.doc, required=True)

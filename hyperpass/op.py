@@ -1,8 +1,8 @@
 """``torch.ops.hyperpass.hyper_attention``: the op the compiler pass rewrites attention into.
 
 SDPA-shaped (``q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa``) plus the fields of
-:class:`~hyperpass.config.HyperConfig`, whose defaults it takes. Registered once, when this module is
-imported, with a fake implementation (symbolic shapes), autograd (through a second op that
+:class:`~hyperpass.config.HyperConfig`, whose defaults it takes. Registered once, when this module
+is imported, with a fake implementation (symbolic shapes), autograd (through a second op that
 computes the gradients), and a run-time dispatch: calls the approximation cannot serve go to exact
 ``F.scaled_dot_product_attention``, so they compute what the un-rewritten model computes.
 
@@ -13,8 +13,9 @@ Triton), else to the reference. Must not import the compiler pass.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
@@ -121,20 +122,75 @@ def _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, params
 
 
 # ----------------------------------------------------------------------------- the ops
+_SDPA_DEFAULTS = {
+    "attn_mask": None,
+    "dropout_p": 0.0,
+    "is_causal": False,
+    "scale": None,
+    "enable_gqa": False,
+}
+
+
+def _all_arguments(*tensor_names: str):
+    """Bind a kernel's arguments to its full schema order, filling defaults.
+
+    The dispatcher omits trailing arguments equal to their schema defaults when it calls a
+    Python kernel, so kernels take ``*args, **kwargs`` and receive everything positionally here.
+    """
+    P = inspect.Parameter
+    params = [P(name, P.POSITIONAL_OR_KEYWORD) for name in tensor_names]
+    defaults = {**_SDPA_DEFAULTS, **_config.DEFAULT.as_dict()}
+    params += [P(name, P.POSITIONAL_OR_KEYWORD, default=d) for name, d in defaults.items()]
+    signature = inspect.Signature(params)
+
+    def decorate(kernel):
+        @functools.wraps(kernel)
+        def with_defaults(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return kernel(*bound.arguments.values())
+
+        return with_defaults
+
+    return decorate
+
+
 @torch.library.custom_op("hyperpass::hyper_attention", mutates_args=(), schema=FORWARD_SCHEMA)
+@_all_arguments("q", "k", "v")
 def _hyper_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *params):
     out = _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, params)
     return out.contiguous()
 
 
 @_hyper_attention.register_fake
+@_all_arguments("q", "k", "v")
 def _(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *params):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _autograd_inside_op():
+    """Re-enable autograd dispatch inside an op's kernel.
+
+    A custom op's kernel runs below the autograd dispatch keys, so ``torch.enable_grad()`` alone
+    records nothing there. The backward op recomputes the forward under autograd to get the exact
+    gradients of the approximation, so it lifts that exclusion for the recomputation only.
+    """
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (
+        keys.AutogradFunctionality,
+        keys.AutogradOther,
+        keys.AutogradNestedTensor,
+        keys.ADInplaceOrView,
+    ):
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
 @torch.library.custom_op(
     "hyperpass::hyper_attention_backward", mutates_args=(), schema=BACKWARD_SCHEMA
 )
+@_all_arguments("grad_out", "q", "k", "v")
 def _hyper_attention_backward(
     grad_out, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *params
 ):
@@ -147,7 +203,7 @@ def _hyper_attention_backward(
             )
     # Recompute the forward under autograd: the gradients of exactly what the forward computed.
     # Dropout would draw a new mask here, so training with dropout is not supported exactly.
-    with torch.enable_grad():
+    with _autograd_inside_op(), torch.enable_grad():
         inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
         out = _forward(*inputs, attn_mask, dropout_p, is_causal, scale, enable_gqa, params)
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
@@ -158,6 +214,7 @@ def _hyper_attention_backward(
 
 
 @_hyper_attention_backward.register_fake
+@_all_arguments("grad_out", "q", "k", "v")
 def _(grad_out, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *params):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
@@ -166,7 +223,7 @@ _N_SDPA_ARGS = 8
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask = inputs[:4]
+    q, k, v, attn_mask = inputs[:4]  # the autograd layer passes every argument, defaults filled
     ctx.save_for_backward(q, k, v, attn_mask)
     ctx.scalars = inputs[4:]
 
@@ -212,11 +269,11 @@ def hyper_attention(
         ValueError: a parameter out of range (the message names it).
         TypeError: an unknown parameter name.
     """
-    cfg = (config or _config.DEFAULT).replace(**params) if params else (config or _config.DEFAULT)
-    return hyper_attention_op(
-        q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *cfg.as_dict().values()
-    )
+    values = _param_values(config or _config.DEFAULT, tuple(sorted(params.items())))
+    return hyper_attention_op(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *values)
 
 
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
+@torch.compiler.assume_constant_result
+def _param_values(config: HyperConfig, overrides: tuple) -> tuple:
+    """The op's parameter arguments, validated; a compile-time constant under Dynamo."""
+    return tuple(config.replace(**dict(overrides)).as_dict().values())
