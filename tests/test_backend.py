@@ -1,0 +1,145 @@
+"""The torch.compile backend: options, registration by name, inner compilers, reports, logging."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from attention_corpus import Fn, hw_masked_fill_tril, qkv, sdpa_hf_bool_mask
+
+import hyperpass
+from hyperpass.report import COUNTERS, SiteReport, reset_counters
+
+EXACT = {"block_size": 64, "min_seq_len": 64}
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()
+    COUNTERS.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "names"),
+    [
+        ({"block_sise": 64}, TypeError, "block_sise"),
+        ({"block_size": 24}, ValueError, "block_size"),
+        ({"min_len": 0}, ValueError, "min_len"),
+        ({"method": "dense"}, ValueError, "method"),
+        ({"inner": "tensorrt"}, ValueError, "inner"),
+        ({"inner": 3}, TypeError, "inner"),
+        ({"last_n_layers": -1}, ValueError, "last_n_layers"),
+        ({"layers": [1]}, TypeError, "layers"),
+        ({"overrides": {"layers.0": {"blocks": 1}}}, TypeError, "blocks"),
+        ({"overrides": {"layers.0": {"block_size": 7}}}, ValueError, "block_size"),
+    ],
+)
+def test_backend_rejects_bad_options(kwargs, error, names):
+    with pytest.raises(error, match=names):
+        hyperpass.backend(**kwargs)
+
+
+def test_backend_options_reach_the_config():
+    be = hyperpass.backend(min_len=128, block_size=32, sample_size=0, inner="eager")
+    cfg = be.options.config
+    assert (cfg.min_len, cfg.block_size, cfg.sample_size) == (128, 32, 0)
+    assert be.inner == "eager"
+
+
+def test_backend_name_resolves_after_import_hyperpass_only():
+    """A fresh process: ``import hyperpass`` and the name "hyperpass" finds the backend."""
+    code = (
+        "import hyperpass, torch\n"
+        "from torch._dynamo.backends.registry import lookup_backend\n"
+        "import hyperpass.backend as b\n"
+        "assert lookup_backend('hyperpass') is b.hyperpass_backend\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_module_attribute_is_callable():
+    """``hyperpass.backend`` stays callable once the submodule is imported."""
+    import hyperpass.backend as module
+
+    assert hyperpass.backend is module or callable(hyperpass.backend)
+    be = hyperpass.backend(min_len=16, inner="eager")
+    assert be.options.config.min_len == 16
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_inner_compilers_fullgraph_outputs_and_grads(inner):
+    be = hyperpass.backend(min_len=16, inner=inner, **EXACT)
+    model = Fn(sdpa_hf_bool_mask)
+    q, k, v = (t.requires_grad_() for t in qkv())
+    out = torch.compile(model, backend=be, fullgraph=True)(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, ref)
+    (gq,) = torch.autograd.grad(out.sum(), q)
+    (rq,) = torch.autograd.grad(ref.sum(), q)
+    torch.testing.assert_close(gq, rq)
+    assert [r.code for r in be.reports] == ["rewritten"]
+
+
+@pytest.mark.slow
+def test_inductor_end_to_end():
+    """The default inner compiler: Inductor compiles the graph around the opaque op."""
+    be = hyperpass.backend(min_len=16, **EXACT)
+    model = Fn(hw_masked_fill_tril)
+    q, k, v = (t.requires_grad_() for t in qkv())
+    out = torch.compile(model, backend=be, fullgraph=True)(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r)
+    assert COUNTERS.rewritten == 1
+
+
+def test_counters_count_and_reset():
+    be = hyperpass.backend(min_len=16, inner="eager")
+    torch.compile(Fn(sdpa_hf_bool_mask), backend=be, dynamic=False)(*qkv())
+    torch.compile(Fn(sdpa_hf_bool_mask), backend=be, dynamic=False)(*qkv(n_q=8))
+    assert COUNTERS.rewritten == 1
+    assert COUNTERS.skipped == {"short": 1}
+    assert COUNTERS.graphs == 2
+    reset_counters()
+    assert (COUNTERS.rewritten, dict(COUNTERS.skipped), COUNTERS.graphs) == (0, {}, 0)
+
+
+def test_logging_summary_and_decisions(caplog):
+    be = hyperpass.backend(min_len=16, inner="eager")
+    with caplog.at_level(logging.DEBUG, logger="hyperpass"):
+        torch.compile(Fn(sdpa_hf_bool_mask), backend=be)(*qkv())
+    records = [r for r in caplog.records if r.name == "hyperpass"]
+    info = [r.getMessage() for r in records if r.levelno == logging.INFO]
+    debug = [r.getMessage() for r in records if r.levelno == logging.DEBUG]
+    assert any("1 of 1 attention sites rewritten" in m for m in info)
+    assert any("rewritten" in m and "mask causal" in m for m in debug)
+
+
+def test_explain_reports_without_rewriting(capsys):
+    q, k, v = qkv()
+    model = Fn(sdpa_hf_bool_mask)
+    reports = hyperpass.explain(model, q, k, v, min_len=16)
+    (r,) = reports
+    assert isinstance(r, SiteReport)
+    assert (r.decision, r.mask, r.is_causal, r.q_shape) == (
+        "rewritten",
+        "causal",
+        True,
+        (2, 4, 32, 8),
+    )
+    table = capsys.readouterr().out
+    assert "rewritten" in table and "causal" in table and "1 of 1" in table
+    assert COUNTERS.rewritten == 0  # report only
+    short = hyperpass.explain(model, q, k, v, print_table=False)  # default min_len 4096
+    assert [(s.decision, s.code) for s in short] == [("exact", "short")]
