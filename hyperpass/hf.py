@@ -6,8 +6,9 @@ all for an unknown implementation and padding would be dropped). Then
 ``from_pretrained(..., attn_implementation="hyperpass")`` and
 ``model.set_attn_implementation("hyperpass")`` work for any model that supports the interface.
 
-Masks: the mask function is transformers' SDPA one. It returns no mask for a plain causal layer
-(no padding, or all-ones padding in eager mode), so the layer reaches the op with
+Masks: the mask function is transformers' SDPA one, which also skips a plain causal mask while
+tracing. It returns no mask for a plain causal layer (no padding, or all-ones padding in eager
+mode), so the layer reaches the op with
 ``attn_mask=None, is_causal=True`` and is approximated; any real padding, sliding-window or custom
 mask is materialized and that call computes exact SDPA, as ``"sdpa"`` would. Decode steps (one
 query over a long cache) are exact. Under ``torch.compile``, transformers cannot read the values of
@@ -18,6 +19,7 @@ Imports transformers when :func:`register_hf` runs, never at ``import hyperpass`
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 
@@ -73,7 +75,7 @@ def _make_attention(config: HyperConfig, report: RoutingReport, layers, last_n_l
         elif not _select_layer(module, layers, last_n_layers):
             exact_reason = "layer not selected"
         if exact_reason is not None:
-            note_call(report, site, lambda: exact_reason)
+            note_call(report, site, lambda: exact_reason, exact_reason)
             return sdpa_attention_forward(
                 module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
             )
@@ -94,6 +96,28 @@ def _make_attention(config: HyperConfig, report: RoutingReport, layers, last_n_l
         return out.transpose(1, 2).contiguous(), None
 
     return hyperpass_attention_forward
+
+
+def _make_mask(sdpa_mask):
+    """transformers' SDPA mask function, that also skips plain causal masks under compile.
+
+    transformers skips the mask (so that SDPA gets ``is_causal``) only when it is not tracing on
+    torch < 2.14 (it cannot tell compile from export there). Without a padding mask, whether the
+    mask is plain causal depends on shapes alone, which Dynamo guards on: skip it then as well.
+    """
+    signature = inspect.signature(sdpa_mask)
+
+    def hyperpass_mask(*args, **kwargs):
+        a = signature.bind(*args, **kwargs).arguments
+        plain_causal = (
+            a.get("allow_is_causal_skip", True)
+            and a.get("attention_mask") is None
+            and (a.get("local_size") is None or a["kv_length"] < a["local_size"])
+            and (a["q_length"] == 1 or a["q_length"] == a["kv_length"])
+        )
+        return None if plain_causal else sdpa_mask(*args, **kwargs)
+
+    return hyperpass_mask
 
 
 def register_hf(
@@ -141,7 +165,7 @@ def register_hf(
 
     report = _REPORTS.setdefault(name, RoutingReport(f"transformers attn_implementation={name!r}"))
     AttentionInterface.register(name, _make_attention(config, report, layers, last_n_layers))
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, _make_mask(sdpa_mask))
     log.debug("registered attn_implementation=%r with %s", name, config)
     return name
 

@@ -52,13 +52,16 @@ class SiteStats:
         calls: eager SDPA calls seen.
         approximated: eager calls the op approximated.
         exact: eager calls kept exact, by reason.
-        traced: times a ``torch.compile`` graph captured an SDPA call here (decided at run time).
+        traced: times a ``torch.compile`` graph captured an SDPA call here.
+        traced_exact: of those, the ones kept exact whatever the length, by reason (a mask or
+            dropout, known while tracing); the others are decided by the op at run time.
     """
 
     calls: int = 0
     approximated: int = 0
     exact: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     traced: int = 0
+    traced_exact: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
 
 class RoutingReport:
@@ -82,9 +85,12 @@ class RoutingReport:
             else:
                 stats.exact[reason] += 1
 
-    def record_traced(self, site: str) -> None:
+    def record_traced(self, site: str, reason: str | None) -> None:
         with self._lock:
-            self.sites.setdefault(site, SiteStats()).traced += 1
+            stats = self.sites.setdefault(site, SiteStats())
+            stats.traced += 1
+            if reason is not None:
+                stats.traced_exact[reason] += 1
 
     def reset(self) -> None:
         with self._lock:
@@ -97,6 +103,7 @@ class RoutingReport:
             total.approximated += s.approximated
             total.exact.update(s.exact)
             total.traced += s.traced
+            total.traced_exact.update(s.traced_exact)
         return total
 
     def format(self) -> str:
@@ -110,9 +117,14 @@ class RoutingReport:
                 parts.append(f"{s.calls} eager calls: {s.approximated} approximated")
                 parts.append(f"{sum(s.exact.values())} exact")
             if s.traced:
-                parts.append(f"traced {s.traced}x by torch.compile (op decides at run time)")
+                n_exact = sum(s.traced_exact.values())
+                parts.append(
+                    f"traced {s.traced}x by torch.compile: {s.traced - n_exact} routed to the op "
+                    f"(it decides at run time), {n_exact} exact"
+                )
             lines.append(f"  {site}: " + ", ".join(parts))
-        for reason, n in self.totals().exact.most_common():
+        totals = self.totals()
+        for reason, n in (totals.exact + totals.traced_exact).most_common():
             lines.append(f"  exact x{n}: {reason}")
         return "\n".join(lines)
 
@@ -127,14 +139,23 @@ _REPORTS: weakref.WeakValueDictionary[int, RoutingReport] = weakref.WeakValueDic
 def _record_traced_at_compile_time(ctx) -> None:
     report = _REPORTS.get(ctx.get_local("report_id").as_python_constant())
     if report is not None:
-        report.record_traced(ctx.get_local("site").as_python_constant())
+        report.record_traced(
+            ctx.get_local("site").as_python_constant(),
+            ctx.get_local("static_reason").as_python_constant(),
+        )
 
 
-def note_call(report: RoutingReport, site: str, reason_fn: Callable[[], str | None]) -> None:
+def note_call(
+    report: RoutingReport,
+    site: str,
+    reason_fn: Callable[[], str | None],
+    static_reason: str | None = None,
+) -> None:
     """Record one routed call: eagerly with its decision, or once per trace under Dynamo.
 
     ``reason_fn`` is called only in eager mode: under Dynamo the op decides at run time and
-    reading shapes here would install guards.
+    reading shapes here would install guards. ``static_reason``: why the call is exact whatever
+    the shapes (a mask, dropout), recorded with the trace; None if the op decides.
     """
     if torch.compiler.is_compiling():
         from torch._dynamo.comptime import comptime
@@ -165,7 +186,8 @@ def route_sdpa(
     un-patched model's (the op's backward would redraw a dropout mask).
     """
     if attn_mask is not None or dropout_p > 0.0:
-        note_call(report, site, lambda: "attention mask" if attn_mask is not None else "dropout")
+        reason = "attention mask" if attn_mask is not None else "dropout"
+        note_call(report, site, lambda: reason, reason)
         kwargs = {"enable_gqa": True} if enable_gqa else {}
         return _SDPA(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
     note_call(

@@ -59,7 +59,7 @@ def test_run_under_the_scripts_own_torch_compile(tmp_path, reference, capsys):
     code = cli.main(["run", *EXACT, str(SCRIPT), str(out), "--compile"])
     assert code == 0
     torch.testing.assert_close(torch.load(out), reference)
-    assert "TinyModel: traced 3x by torch.compile" in capsys.readouterr().err
+    assert "TinyModel: traced 3x by torch.compile: 3 routed to the op" in capsys.readouterr().err
 
 
 def test_run_returns_the_scripts_exit_status(tmp_path, capsys):

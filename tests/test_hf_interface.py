@@ -172,6 +172,46 @@ def test_compiled_model_gets_the_op_without_graph_breaks():
     assert hf.report("hyperpass-approx").totals().traced == N_LAYERS
 
 
+def test_plain_causal_mask_skipped_even_where_transformers_cannot_tell_compile_from_export(
+    monkeypatch,
+):
+    """Before torch 2.14, Dynamo answered torch.compiler.is_exporting() with True under compile,
+    and transformers' SDPA mask function then always materialized the causal mask."""
+    import transformers.masking_utils
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    monkeypatch.setattr(transformers.masking_utils, "is_torchdynamo_exporting", lambda: True)
+    ids = _ids()
+    graphs = {}
+    for attn in ("sdpa", "hyperpass-approx"):
+        counter = CompileCounterWithBackend("eager")
+        with torch.no_grad():
+            torch.compile(_model("llama", attn), backend=counter, fullgraph=True)(ids)
+        graphs[attn] = [n for g in counter.graphs for n in g.graph.nodes]
+    sdpa_calls = [
+        n for n in graphs["sdpa"] if n.target is torch._C._nn.scaled_dot_product_attention
+    ]
+    assert len(sdpa_calls) == N_LAYERS
+    assert all(n.kwargs.get("attn_mask") is not None for n in sdpa_calls)  # old behaviour
+    ops = [n.target for n in graphs["hyperpass-approx"]]
+    assert ops.count(torch.ops.hyperpass.hyper_attention.default) == N_LAYERS
+
+
+def test_mask_function_keeps_padding_and_windows():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS["hyperpass"]
+    assert mask_fn(batch_size=1, q_length=8, kv_length=8) is None
+    assert mask_fn(batch_size=1, q_length=1, kv_length=9) is None
+    padding = torch.ones(1, 8, dtype=torch.bool)
+    padding[0, 0] = False
+    mask = mask_fn(batch_size=1, q_length=8, kv_length=8, attention_mask=padding)
+    assert mask.shape == (1, 1, 8, 8) and not mask[0, 0, :, 0].any()
+    windowed = mask_fn(batch_size=1, q_length=8, kv_length=8, local_size=4)
+    assert windowed is not None and windowed.shape == (1, 1, 8, 8)
+    assert mask_fn(batch_size=1, q_length=8, kv_length=8, allow_is_causal_skip=False) is not None
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
