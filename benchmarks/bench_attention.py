@@ -4,9 +4,10 @@ Settings (issue 4): B=1, H=12, D=64 (the paper's) and B=1, 32 query / 8 KV heads
 n = 4096 ... 131072; causal and non-causal; forward and forward+backward; bf16; config
 block 256, 256 samples, exact below 4096 (HyperConfig defaults). Times are medians of CUDA-event
 timed runs after a warm-up; fwd+bwd of the kernels is their forward plus their backward (which
-recomputes the forward, as the op does). Peak memory is ``torch.cuda.max_memory_allocated`` during
-the call, inputs included. "rel err" is ||out - exact|| / ||exact|| against SDPA's output on the
-same inputs (Gaussian inputs: see docs/performance.md on what that error means).
+recomputes the forward, as the op does). Peak memory is what the call allocates at most
+(``torch.cuda.max_memory_allocated`` above what was live before it) plus its inputs (q, k, v, and
+the output gradient for fwd+bwd). "rel err" is ||out - exact|| / ||exact|| against SDPA's output
+on the same inputs (Gaussian inputs: see docs/performance.md on what that error means).
 
 FLOPs of exact attention: 4 * B * Hq * Nq * Nk * D (halved when causal), forward only.
 
@@ -56,14 +57,17 @@ def timed(fn, budget_ms: float = 300.0, max_iters: int = 50) -> float:
     return statistics.median(times)
 
 
-def peak_mb(fn) -> float:
+def peak_mb(fn, inputs) -> float:
+    """Peak memory of ``fn()``: its inputs plus the most it allocated on top of what was live."""
     import torch
 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    live = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
+    extra = torch.cuda.max_memory_allocated() - live
+    return (extra + sum(t.numel() * t.element_size() for t in inputs)) / 2**20
 
 
 def implementations(setting: dict, causal: bool):
@@ -164,7 +168,7 @@ def bench_length(name: str, n: int, masks, with_backward: bool, rows: list[dict]
                 try:
                     with torch.no_grad() if kind == "fwd" else torch.enable_grad():
                         ms = timed(call)
-                        mem = peak_mb(call)
+                        mem = peak_mb(call, (q, k, v) if kind == "fwd" else (q, k, v, g))
                         if kind == "fwd":
                             out = call().detach()
                             if impl == "sdpa":

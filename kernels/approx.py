@@ -122,11 +122,12 @@ def _approx_fwd_kernel(
         kpos = tl.load(kord_base + cols, mask=col_ok, other=0)
         k = _load_rows(k_base, kpos, stride_kn, d, D, col_ok)
         v = _load_rows(v_base, kpos, stride_vn, dv, DV, col_ok)
-        keep = row_ok[:, None] & col_ok[None, :]
-        if ONLY_PAST:
-            keep = keep & (kpos[None, :] < qpos[:, None])
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        scores = tl.where(keep, scores, float("-inf"))
+        if ONLY_PAST:
+            keep = col_ok[None, :] & (kpos[None, :] < qpos[:, None])
+            scores = tl.where(keep, scores, float("-inf"))
+        else:  # rows past the tile hold zeros: finite, and never stored
+            scores = tl.where(col_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
@@ -135,7 +136,7 @@ def _approx_fwd_kernel(
         m_i = m_new
 
     # the uniform samples, weight nk/m, minus the keys of the query's own block
-    log2_weight = tl.log2(nk.to(tl.float32) / n_samples)
+    log2_weight = tl.log2(nk.to(tl.float32) / tl.maximum(n_samples, 1))
     for s0 in range(0, n_samples, BLOCK_N):
         sc = s0 + tl.arange(0, BLOCK_N)
         kpos, sblk, s_ok = _sample_keys(
@@ -143,7 +144,7 @@ def _approx_fwd_kernel(
         )
         k = _load_rows(k_base, kpos, stride_kn, d, D, s_ok)
         v = _load_rows(v_base, kpos, stride_vn, dv, DV, s_ok)
-        keep = row_ok[:, None] & (s_ok & (sblk != kb))[None, :]
+        keep = (s_ok & (sblk != kb))[None, :]
         if ONLY_PAST:
             keep = keep & (kpos[None, :] < qpos[:, None])
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + log2_weight
@@ -214,10 +215,10 @@ def _approx_dq_kernel(
     if ONLY_PAST:  # the query's own key
         k_self = _load_rows(k_base, qpos, stride_kn, d, D, row_ok).to(tl.float32)
         v_self = _load_rows(v_base, qpos, stride_vn, dv, DV, row_ok).to(tl.float32)
-        p = tl.exp2(tl.sum(q.to(tl.float32) * k_self, axis=1) * qk_scale - lse2)
-        p = tl.where(row_ok, p, 0.0)
-        ds = p * (tl.sum(do.to(tl.float32) * v_self, axis=1) - delta)
-        dq += ds[:, None] * k_self
+        p_self = tl.exp2(tl.sum(q.to(tl.float32) * k_self, axis=1) * qk_scale - lse2)
+        p_self = tl.where(row_ok, p_self, 0.0)
+        ds_self = p_self * (tl.sum(do.to(tl.float32) * v_self, axis=1) - delta)
+        dq += ds_self[:, None] * k_self
 
     kord_base = KORD + (b * kv_heads + hkv).to(tl.int64) * n_keys + k_off
     for n0 in range(0, bsize, BLOCK_N):
@@ -236,7 +237,7 @@ def _approx_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-    log2_weight = tl.log2(nk.to(tl.float32) / n_samples)
+    log2_weight = tl.log2(nk.to(tl.float32) / tl.maximum(n_samples, 1))
     for s0 in range(0, n_samples, BLOCK_N):
         sc = s0 + tl.arange(0, BLOCK_N)
         kpos, sblk, s_ok = _sample_keys(
@@ -333,14 +334,14 @@ def _approx_dkdv_block_kernel(
         if ONLY_PAST:  # each key is also its own query's diagonal entry (the window of one)
             q_self = _load_rows(q_base, kpos, stride_qn, d, D, col_ok).to(tl.float32)
             do_self = _load_rows(do_base, kpos, stride_on, dv, DV, col_ok).to(tl.float32)
-            lse2 = tl.load(LSE + row_base + kpos, mask=col_ok, other=0.0) * 1.4426950408889634
-            lse2 = tl.where(lse2 > float("-inf"), lse2, 0.0)
-            delta = tl.load(DELTA + row_base + kpos, mask=col_ok, other=0.0)
-            scores = tl.sum(q_self * k.to(tl.float32), axis=1) * qk_scale
-            p = tl.where(col_ok, tl.exp2(scores - lse2), 0.0)
-            dvacc += p[:, None] * do_self
-            ds = p * (tl.sum(do_self * v.to(tl.float32), axis=1) - delta)
-            dk += ds[:, None] * q_self
+            lse2_self = tl.load(LSE + row_base + kpos, mask=col_ok, other=0.0) * 1.4426950408889634
+            lse2_self = tl.where(lse2_self > float("-inf"), lse2_self, 0.0)
+            delta_self = tl.load(DELTA + row_base + kpos, mask=col_ok, other=0.0)
+            s_self = tl.sum(q_self * k.to(tl.float32), axis=1) * qk_scale
+            p_self = tl.where(col_ok, tl.exp2(s_self - lse2_self), 0.0)
+            dvacc += p_self[:, None] * do_self
+            ds_self = p_self * (tl.sum(do_self * v.to(tl.float32), axis=1) - delta_self)
+            dk += ds_self[:, None] * q_self
 
     dk = dk * sm_scale
     dk_ptrs = DK + kv_row * D + kpos[:, None].to(tl.int64) * D + d[None, :]
@@ -392,7 +393,7 @@ def _approx_dkdv_sample_kernel(
     v = _load_rows(v_base, kpos, stride_vn, dv, DV, s_ok)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dvacc = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    log2_weight = tl.log2(nk.to(tl.float32) / n_samples)
+    log2_weight = tl.log2(nk.to(tl.float32) / tl.maximum(n_samples, 1))
 
     r_start = split * q_split
     r_end = tl.minimum(r_start + q_split, nq)

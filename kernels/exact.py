@@ -15,6 +15,32 @@ from .approx import FLOOR, _load_rows
 
 
 @triton.jit
+def _diag_fwd_range(
+    acc, l_i, m_i, q, k_base, v_base, rows, start, lo, hi, stride_kn, stride_vn,
+    d, dv, qk_scale, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over keys [lo, hi); MASKED applies the causal and leaf-start mask,
+    otherwise every key of the (whole) tiles counts."""
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < hi
+        k = _load_rows(k_base, cols, stride_kn, d, D, col_ok)
+        v = _load_rows(v_base, cols, stride_vn, dv, DV, col_ok)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            keep = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= start[:, None])
+            scores = tl.where(keep & col_ok[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _diag_fwd_kernel(
     Q, K, V, ACC, OUT, LSE, LEAF_START,
     qk_scale,
@@ -56,23 +82,25 @@ def _diag_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    lo = tl.load(LEAF_START + pid_m * BLOCK_M)
-    hi = tl.minimum((pid_m + 1) * BLOCK_M, n)
-    for n0 in range(lo, hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < hi
-        k = _load_rows(k_base, cols, stride_kn, d, D, col_ok)
-        v = _load_rows(v_base, cols, stride_vn, dv, DV, col_ok)
-        keep = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= start[:, None])
-        keep = keep & row_ok[:, None] & col_ok[None, :]
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        scores = tl.where(keep, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    # keys [lo, full_lo) and [full_hi, hi) need the causal / leaf mask; between, every row of
+    # the tile sees every key (its leaf started before, the keys end before the tile's rows)
+    tile_lo = pid_m * BLOCK_M
+    hi = tl.minimum(tile_lo + BLOCK_M, n)
+    lo = tl.load(LEAF_START + tile_lo)
+    full_lo = tl.load(LEAF_START + hi - 1)
+    full_hi = full_lo + tl.maximum(tile_lo - full_lo, 0) // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _diag_fwd_range(
+        acc, l_i, m_i, q, k_base, v_base, rows, start, lo, full_lo, stride_kn, stride_vn,
+        d, dv, qk_scale, D, DV, BLOCK_N, True, PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _diag_fwd_range(
+        acc, l_i, m_i, q, k_base, v_base, rows, start, full_lo, full_hi, stride_kn,
+        stride_vn, d, dv, qk_scale, D, DV, BLOCK_N, False, PRECISION,
+    )  # fmt: skip
+    acc, l_i, m_i = _diag_fwd_range(
+        acc, l_i, m_i, q, k_base, v_base, rows, start, full_hi, hi, stride_kn, stride_vn,
+        d, dv, qk_scale, D, DV, BLOCK_N, True, PRECISION,
+    )  # fmt: skip
 
     nonempty = l_i > 0
     safe_l = tl.where(nonempty, l_i, 1.0)

@@ -115,7 +115,9 @@ def _level(rows, cfg, batch, kv_heads, device, block_m, block_n, n_sm) -> Level:
     for q_off, _, k_off, nk, *_ in rows:
         if m:
             tag = lsh.subproblem_tag(q_off, k_off)
-            samples.append(lsh.sample_indices(cfg.seed, tag, (batch, kv_heads, m), nk, "cpu"))
+            # as the reference: one sample set per batch row, shared by every head
+            idx = lsh.sample_indices(cfg.seed, tag, (batch, 1, m), nk, "cpu")
+            samples.append(idx.expand(batch, kv_heads, m))
         else:
             samples.append(torch.zeros(batch, kv_heads, 0, dtype=torch.int64))
 

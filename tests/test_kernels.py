@@ -1,0 +1,182 @@
+"""The Triton kernels against the reference, on the CPU through Triton's interpreter.
+
+Sizes are tiny (the interpreter runs every program in numpy) but cover every path: non-causal
+(also Nq != Nk), causal recursive (several levels, leaves not aligned to tiles), causal flat, GQA
+group 3, head dims 64 and 128, odd lengths, no samples, fp32 and fp16 (the interpreter cannot do
+bf16 dots; bf16 is checked on the GPU by benchmarks/gpu_check.py).
+
+Tolerance, from data: the kernel's max error vs an fp64 run of the reference may be at most twice
+the reference's own error at the input precision, plus a floor of a few ulps of the output scale.
+Every new tensor is poisoned (NaN, or a huge int), so anything the kernels forget to write fails.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from hyperpass import kernels, lsh  # noqa: E402
+from hyperpass.config import HyperConfig  # noqa: E402
+from hyperpass.reference import hyper_attention_reference  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tests run the Triton interpreter"
+)
+
+# small problems: 32-key blocks, 16 samples, 3 hyperplanes, exact leaves of at most 32
+SMALL = HyperConfig(block_size=32, sample_size=16, lsh_num_projs=3, min_seq_len=32)
+FLOOR_ULPS = {torch.float32: 8 * 2.0**-24, torch.float16: 2 * 2.0**-11}
+
+
+@pytest.fixture(autouse=True)
+def small_tiles():
+    """Pin small tiles so a few dozen rows still span several tiles and sub-tiles."""
+    kernels.set_tuning(kernels.Tuning(block_m=16, block_n=16, bwd_block_m=16))
+    yield
+    kernels.set_tuning(None)
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """torch.empty/empty_like hand out NaN (floats) or 2**30 (ints) instead of stale memory."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan") if t.is_floating_point() else 2**30)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: fill(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(real_like(*a, **kw)))
+
+
+def _inputs(batch, q_heads, kv_heads, nq, nk, dim, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    q = randn(batch, q_heads, nq, dim)
+    k = randn(batch, kv_heads, nk, dim)
+    v = randn(batch, kv_heads, nk, dim)
+    grad = randn(batch, q_heads, nq, dim)
+    return q, k, v, grad
+
+
+def _close(name, kern, low, oracle):
+    """|kernel - oracle| <= 2 |reference(low precision) - oracle| + a few ulps of the scale."""
+    assert torch.isfinite(kern).all(), f"{name}: non-finite values (unwritten or NaN)"
+    oracle = oracle.double()
+    ref_err = (low.double() - oracle).abs().max().item()
+    floor = FLOOR_ULPS[low.dtype if low.dtype in FLOOR_ULPS else torch.float32]
+    atol = 2 * ref_err + floor * max(1.0, oracle.abs().max().item())
+    torch.testing.assert_close(
+        kern.double(), oracle, rtol=0, atol=atol, msg=lambda m: f"{name}: {m}"
+    )
+
+
+def _check(q, k, v, grad, is_causal, cfg, backward=True):
+    assert kernels.unsupported_reason(q, k, v, is_causal, cfg) is None
+    out, lse = kernels.hyper_attention_forward(q, k, v, is_causal=is_causal, scale=None, config=cfg)
+    assert out.dtype == q.dtype and out.shape == q.shape[:3] + v.shape[-1:]
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+
+    low = [t.detach().requires_grad_(backward) for t in (q, k, v)]
+    high = [t.detach().double().requires_grad_(backward) for t in (q, k, v)]
+    with torch.enable_grad():
+        low_out, low_lse = hyper_attention_reference(*low, is_causal=is_causal, config=cfg)
+        high_out, high_lse = hyper_attention_reference(*high, is_causal=is_causal, config=cfg)
+    _close("out", out, low_out, high_out)
+    _close("lse", lse, low_lse.to(q.dtype), high_lse)
+    if not backward:
+        return
+    grads = kernels.hyper_attention_backward(
+        grad, q, k, v, is_causal=is_causal, scale=None, config=cfg
+    )
+    low_grads = torch.autograd.grad(low_out, low, grad)
+    high_grads = torch.autograd.grad(high_out, high, grad.double())
+    for name, g, lo, hi, t in zip("qkv", grads, low_grads, high_grads, (q, k, v), strict=True):
+        assert g.dtype == t.dtype and g.shape == t.shape
+        _close(f"d{name}", g, lo, hi)
+
+
+# ----------------------------------------------------------------------------- numerics
+@pytest.mark.parametrize(
+    "nq,nk",
+    [(83, 83), (40, 130), (130, 40)],
+    ids=["n83", "nq40-nk130", "nq130-nk40"],
+)
+def test_noncausal_gqa3(nq, nk):
+    _check(*_inputs(1, 3, 1, nq, nk, 64, torch.float32), is_causal=False, cfg=SMALL)
+
+
+def test_noncausal_batch2_no_samples():
+    cfg = SMALL.replace(sample_size=0)
+    _check(*_inputs(2, 2, 2, 70, 70, 64, torch.float32), is_causal=False, cfg=cfg)
+
+
+def test_causal_recursive_gqa3():
+    # 150 -> 75 | 75 -> 37/38 -> leaves of 18..19: three levels, leaves cut across tiles
+    _check(*_inputs(1, 3, 1, 150, 150, 64, torch.float32), is_causal=True, cfg=SMALL)
+
+
+def test_causal_recursive_exact_only():
+    # shorter than min_seq_len: one exact causal leaf, no approximated level
+    _check(*_inputs(1, 2, 2, 29, 29, 64, torch.float32), is_causal=True, cfg=SMALL)
+
+
+def test_causal_flat_gqa3():
+    cfg = SMALL.replace(causal_algo="flat")
+    _check(*_inputs(1, 3, 1, 90, 90, 64, torch.float32), is_causal=True, cfg=cfg)
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["noncausal", "causal"])
+def test_head_dim_128(is_causal):
+    _check(*_inputs(1, 2, 1, 70, 70, 128, torch.float32), is_causal=is_causal, cfg=SMALL)
+
+
+@pytest.mark.parametrize("algo", ["recursive", "flat"])
+def test_fp16(algo):
+    cfg = SMALL.replace(causal_algo=algo)
+    _check(*_inputs(1, 2, 2, 75, 75, 64, torch.float16), is_causal=True, cfg=cfg)
+
+
+def test_fp16_noncausal_forward():
+    _check(*_inputs(1, 3, 1, 75, 75, 64, torch.float16), is_causal=False, cfg=SMALL, backward=False)
+
+
+# ----------------------------------------------------------------------------- pieces
+def test_ranks_match_lsh():
+    from hyperpass.kernels.hashing import lsh_rank
+
+    x = torch.randn(2, 3, 77, 64)
+    planes = lsh.hyperplanes(64, 7, seed=3, device="cpu")
+    expected = lsh.lsh_ranks(x * 0.5, planes)
+    assert torch.equal(lsh_rank(x, planes, 0.5).long(), expected)
+
+
+@pytest.mark.parametrize(
+    "change,causal,reason",
+    [
+        (dict(window=8), False, "window"),
+        (dict(sinks=4), False, "sinks"),
+        (dict(method="local", window=8), False, "method"),
+    ],
+)
+def test_unsupported_configs(change, causal, reason):
+    q, k, v, _ = _inputs(1, 1, 1, 8, 8, 64, torch.float32)
+    assert reason in kernels.unsupported_reason(q, k, v, causal, SMALL.replace(**change))
+
+
+def test_unsupported_shapes():
+    q, k, v, _ = _inputs(1, 2, 1, 8, 12, 64, torch.float32)
+    assert "Nq == Nk" in kernels.unsupported_reason(q, k, v, True, SMALL)
+    assert "dtype" in kernels.unsupported_reason(q.double(), k.double(), v.double(), False, SMALL)
+    q3, k3, v3, _ = _inputs(1, 3, 2, 8, 8, 64, torch.float32)
+    assert "multiple" in kernels.unsupported_reason(q3, k3, v3, False, SMALL)
+    q8, k8, v8, _ = _inputs(1, 1, 1, 8, 8, 8, torch.float32)
+    assert "head dims" in kernels.unsupported_reason(q8, k8, v8, False, SMALL)
