@@ -73,8 +73,9 @@ class RoutingReport:
         self.name = name
         self.sites: dict[str, SiteStats] = {}
         self._lock = threading.Lock()
-        self.id = next(RoutingReport._ids)
-        _REPORTS[self.id] = self
+        # a str: Dynamo may turn an int read at a changing value into a symbolic one
+        self.key = f"report-{next(RoutingReport._ids)}"
+        _REPORTS[self.key] = self
 
     def record(self, site: str, reason: str | None) -> None:
         with self._lock:
@@ -132,12 +133,12 @@ class RoutingReport:
         return f"RoutingReport({self.name!r}, {len(self.sites)} sites)"
 
 
-# Reports by id: Dynamo's compile-time callback can only read constants (the id) from the frame.
-_REPORTS: weakref.WeakValueDictionary[int, RoutingReport] = weakref.WeakValueDictionary()
+# Reports by key: Dynamo's compile-time callback can only read constants (the id) from the frame.
+_REPORTS: weakref.WeakValueDictionary[str, RoutingReport] = weakref.WeakValueDictionary()
 
 
 def _record_traced_at_compile_time(ctx) -> None:
-    report = _REPORTS.get(ctx.get_local("report_id").as_python_constant())
+    report = _REPORTS.get(ctx.get_local("report_key").as_python_constant())
     if report is not None:
         report.record_traced(
             ctx.get_local("site").as_python_constant(),
@@ -160,7 +161,7 @@ def note_call(
     if torch.compiler.is_compiling():
         from torch._dynamo.comptime import comptime
 
-        report_id = report.id  # noqa: F841 (read by the compile-time callback)
+        report_key = report.key  # noqa: F841 (read by the compile-time callback)
         comptime(_record_traced_at_compile_time)
     else:
         report.record(site, reason_fn())
