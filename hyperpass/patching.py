@@ -133,7 +133,7 @@ class RoutingReport:
         return f"RoutingReport({self.name!r}, {len(self.sites)} sites)"
 
 
-# Reports by key: Dynamo's compile-time callback can only read constants (the id) from the frame.
+# Reports by key: Dynamo's compile-time callback can only read constants (the key) from the frame.
 _REPORTS: weakref.WeakValueDictionary[str, RoutingReport] = weakref.WeakValueDictionary()
 
 
@@ -172,16 +172,17 @@ def route_sdpa(
     config: HyperConfig,
     report: RoutingReport,
     site: str,
-    q,
-    k,
-    v,
+    query,
+    key,
+    value,
     attn_mask=None,
     dropout_p=0.0,
     is_causal=False,
     scale=None,
     enable_gqa=False,
 ):
-    """One ``F.scaled_dot_product_attention`` call, through the op where it can be approximated.
+    """One ``F.scaled_dot_product_attention`` call (its argument names), through the op where it
+    can be approximated: query [B, Hq, Nq, D], key/value [B, Hkv, Nk, D] -> [B, Hq, Nq, Dv].
 
     A mask or dropout keeps the original SDPA: its result and its autograd are then exactly the
     un-patched model's (the op's backward would redraw a dropout mask).
@@ -190,14 +191,14 @@ def route_sdpa(
         reason = "attention mask" if attn_mask is not None else "dropout"
         note_call(report, site, lambda: reason, reason)
         kwargs = {"enable_gqa": True} if enable_gqa else {}
-        return _SDPA(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+        return _SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
     note_call(
         report,
         site,
-        lambda: skip_reason(q, k, v, None, 0.0, is_causal, enable_gqa, config),
+        lambda: skip_reason(query, key, value, None, 0.0, is_causal, enable_gqa, config),
     )
     return hyper_attention_op(
-        q, k, v, None, 0.0, is_causal, scale, enable_gqa, *config.as_dict().values()
+        query, key, value, None, 0.0, is_causal, scale, enable_gqa, *config.as_dict().values()
     )
 
 

@@ -33,7 +33,12 @@ class Block(nn.Module):
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
         y = early_bound_sdpa(
-            q, k, v, attn_mask=self.mask, dropout_p=self.dropout, is_causal=self.causal
+            query=q,
+            key=k,
+            value=v,
+            attn_mask=self.mask,
+            dropout_p=self.dropout,
+            is_causal=self.causal,
         )
         return x + self.proj(y.transpose(1, 2).reshape(b, n, DIM))
 
