@@ -216,7 +216,9 @@ def _hyper_attention_backward(
 @_hyper_attention_backward.register_fake
 @_all_arguments("grad_out", "q", "k", "v")
 def _(grad_out, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *params):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous, like the real gradients (``g.contiguous()``): empty_like would keep a
+    # transposed input's strides and AOTAutograd would plan views the real tensors do not allow
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 _N_SDPA_ARGS = 8
