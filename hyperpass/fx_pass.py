@@ -135,6 +135,23 @@ def _same(a, b) -> bool:
         return False
 
 
+def concrete_scalar(x):
+    """A SymFloat/SymInt node whose value a guard already fixed (SDPA guards its ``scale``):
+    its Python value, so that AOTAutograd need not specialize it and restart the trace."""
+    if not isinstance(x, fx.Node):
+        return x
+    value = x.meta.get("example_value")
+    if not isinstance(value, torch.SymFloat | torch.SymInt):
+        return x
+    try:
+        fixed = value.node.shape_env.replace(value.node.expr)
+    except Exception:  # noqa: BLE001 - not a plain symbol: keep the node
+        return x
+    if getattr(fixed, "is_number", False) and value.node.hint is not None:
+        return type(value.node.hint)(value.node.hint)
+    return x
+
+
 def _sdpa_args(node: fx.Node) -> dict:
     """SDPA's arguments by name, whether passed by position or keyword."""
     args = dict(_SDPA_DEFAULTS)
@@ -163,9 +180,9 @@ def sdpa_site(node: fx.Node) -> Site:
         v=v,
         mask=mask,
         mask_node=mask_node,
-        dropout_p=a["dropout_p"],
+        dropout_p=concrete_scalar(a["dropout_p"]),
         is_causal=a["is_causal"],
-        scale=a["scale"],
+        scale=concrete_scalar(a["scale"]),
         enable_gqa=a["enable_gqa"],
         module=module_path(node),
     )

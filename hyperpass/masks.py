@@ -296,6 +296,10 @@ def _compare(op: str, x, y):
         return o
     if isinstance(x, Lin) and isinstance(y, Lin):
         diff = _lin_add(x, y, -1)  # x - y
+        d = diff.dict()
+        if set(d) <= {ONE} and not isinstance(d.get(ONE, 0), fx.Node):  # a constant comparison
+            hit = _cmp_scalar(op, d.get(ONE, 0), 0)
+            return TRUE if hit else Pred(frozenset(), false=True)
         one = Lin.of({ONE: 1})
         forms = {
             "le": [diff],
@@ -476,6 +480,10 @@ class _Interpreter:
             return self._const(node, args[1], kwargs.get("dtype"))
         if t is torch.tensor and isinstance(args[0], int | float | bool):
             return self._const(node, args[0], kwargs.get("dtype"))
+        if t is torch.diff:
+            return self._diff(node, args, kwargs)
+        if t is torch.cumsum:
+            return self._cumsum(node, args[0], _arg(args, kwargs, 1, "dim", None))
         if t in (torch.tril, torch.triu):
             return self._tri(node, t.__name__, args[0], _arg(args, kwargs, 1, "diagonal", 0))
         if t is torch.where and len(args) == 3:
@@ -513,6 +521,8 @@ class _Interpreter:
             return self._const(node, args[2] if len(args) > 2 else kwargs["fill_value"], None)
         if name in ("fill_", "zero_"):
             return self._opaque(node, "in-place fill")
+        if name == "cumsum":
+            return self._cumsum(node, self_, _arg(args, kwargs, 1, "dim", None))
         if name in ("tril", "triu"):
             return self._tri(node, name, self_, _arg(args, kwargs, 1, "diagonal", 0))
         if name == "masked_fill":
@@ -652,7 +662,7 @@ class _Interpreter:
             return self._opaque(node, "indexing a non-tensor")
         index = index if isinstance(index, tuple) else (index,)
         if any(isinstance(i, fx.Node) and isinstance(_meta(i), torch.Tensor) for i in index):
-            return self._opaque(node, "advanced indexing with a tensor")
+            return self._gather(node, x, index)
         n = meta_in.dim()
         n_used = sum(1 for i in index if i is not None and i is not Ellipsis)
         v = self.eval(x)
@@ -689,6 +699,78 @@ class _Interpreter:
             return None if new is None else new - n_out
 
         return _map_axes(v, rename)
+
+    def _gather(self, node, x, index):
+        """``x[i0, i1, ...]`` with one index tensor per axis of ``x``: an affine ``x`` read at
+        affine indices is affine in the result's positions (HF gathers positions this way)."""
+        meta_in = _meta(x)
+        v = self.eval(x)
+        if isinstance(v, Opaque):
+            return v
+        if len(index) != meta_in.dim() or not all(isinstance(i, fx.Node) for i in index):
+            return self._opaque(node, "advanced indexing with a tensor")
+        values = [self.eval(i) for i in index]
+        if isinstance(v, Pred | Sel) and not _depends_on_axes(v):
+            return v
+        if not isinstance(v, Lin) or not all(isinstance(i, Lin) for i in values):
+            bad = next((i for i in values if isinstance(i, Opaque)), None)
+            return bad or self._opaque(node, "advanced indexing with a tensor")
+        d = v.dict()
+        out = Lin.of({k: c for k, c in d.items() if not (isinstance(k, tuple) and k[0] == "ax")})
+        n = meta_in.dim()
+        for pos, idx in enumerate(values):
+            coef = d.get(("ax", pos - n), 0)
+            if coef:
+                out = _lin_add(out, _lin_scale(idx, coef))
+        return out
+
+    def _diff(self, node, args, kwargs):
+        """``torch.diff(x, dim=-1, prepend=p)`` of an affine x whose prepend continues it: the
+        constant step (HF's packed-sequence check on ``arange`` positions)."""
+        x = args[0]
+        n_ = _arg(args, kwargs, 1, "n", 1)
+        dim = _arg(args, kwargs, 2, "dim", -1)
+        prepend = kwargs.get("prepend", args[3] if len(args) > 3 else None)
+        meta = _meta(x)
+        v = self.eval(x)
+        if isinstance(v, Opaque):
+            return v
+        if n_ != 1 or not isinstance(dim, int) or meta is None or kwargs.get("append") is not None:
+            return self._opaque(node, "diff")
+        axis = dim if dim < 0 else dim - meta.dim()
+        if not isinstance(v, Lin) or prepend is None:
+            return self._opaque(node, "diff")
+        d = v.dict()
+        step = d.pop(("ax", axis), 0)
+        # the prepended column must be x's value at position -1 along the axis
+        expected = _lin_add(Lin.of(d), Lin.of({ONE: -step}))
+        if self.eval(prepend) != expected:
+            return self._opaque(node, "diff with a prepend that does not continue x")
+        return Lin.of({ONE: step})
+
+    def _cumsum(self, node, x, dim):
+        v = self.eval(x)
+        meta = _meta(x)
+        if isinstance(v, Pred) and v.false:
+            v = Lin.of({})
+        if not isinstance(v, Lin) or not isinstance(dim, int) or meta is None:
+            return v if isinstance(v, Opaque) else self._opaque(node, "cumsum")
+        d = v.dict()
+        if set(d) - {ONE}:
+            return self._opaque(node, "cumsum of a non-constant tensor")
+        c = d.get(ONE, 0)
+        axis = dim if dim < 0 else dim - meta.dim()
+        return Lin.of({("ax", axis): c, ONE: c})  # sum of c over positions 0..t
+
+
+def _depends_on_axes(v) -> bool:
+    if isinstance(v, Lin):
+        return bool(v.axes())
+    if isinstance(v, Pred):
+        return any(isinstance(a, Lin) and a.axes() for a in v.atoms)
+    if isinstance(v, Sel):
+        return _depends_on_axes(v.pred)
+    return True
 
 
 def _shift_axis(v, axis: int, start: Lin):

@@ -70,7 +70,9 @@ def scalar_value(x):
         return None
     ev = x.meta.get("example_value")
     if isinstance(ev, torch.SymFloat | torch.SymInt):
-        return x
+        from hyperpass.fx_pass import concrete_scalar
+
+        return concrete_scalar(x)
     if x.op == "call_function" and x.target is torch.full and len(x.args) >= 2:
         shape, value = x.args[0], x.args[1]
         if tuple(shape) == () and isinstance(value, int | float) and not isinstance(value, bool):
