@@ -54,17 +54,16 @@ def compare(name: str, kern: torch.Tensor, low: torch.Tensor, oracle: torch.Tens
     denom = oracle.norm().clamp_min(1e-30)
     rel_k = ((kern - oracle).norm() / denom).item()
     rel_r = ((low - oracle).norm() / denom).item()
-    # per-row errors: outliers are rows far beyond the reference's worst row
+    # per-row errors: outliers are rows far beyond the reference's worst row (lse: one per row)
+    if name == "lse":
+        kern, low, oracle = kern.unsqueeze(-1), low.unsqueeze(-1), oracle.unsqueeze(-1)
     row_k = (kern - oracle).abs().flatten(0, -2).amax(-1)
     row_r = (low - oracle).abs().flatten(0, -2).amax(-1)
     limit = 4 * row_r.max() + 1e-2 * oracle.abs().max()
     outliers = (row_k > limit).float().mean().item()
     # the norm check without the outlier rows
-    keep = (row_k <= limit).view(*kern.shape[:-1], 1) if kern.dim() > 1 else None
-    if keep is not None:
-        rel_k_in = ((kern - oracle) * keep).norm().item() / denom.item()
-    else:
-        rel_k_in = rel_k
+    keep = (row_k <= limit).view(*kern.shape[:-1], 1)
+    rel_k_in = ((kern - oracle) * keep).norm().item() / denom.item()
     ok = finite and rel_k_in <= 2 * rel_r + REL_FLOOR and outliers <= OUTLIER_SHARE
     return {
         "tensor": name,
@@ -138,7 +137,11 @@ def op_case() -> dict:
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
     kern = kernels.hyper_attention_backward(g, q, k, v, is_causal=True, scale=None, config=cfg)
-    same = [torch.equal(out, ref)] + [torch.equal(a, b) for a, b in zip(grads, kern, strict=True)]
+    # the sample gradients are added with atomics: equal up to the order of fp32 additions
+    same = [torch.equal(out, ref)] + [
+        torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-3)
+        for a, b in zip(grads, kern, strict=True)
+    ]
     return {"case": "op routes to kernels (causal, n=8195)", "equal": same, "ok": all(same)}
 
 

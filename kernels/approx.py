@@ -182,8 +182,8 @@ def _approx_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ACCUMULATE: tl.constexpr, ONLY_PAST: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dQ of one tile of sorted queries; DO/DQ share Q's layout-free [B, Hq, N, *] contiguity:
-    DO is read with the ``stride_o*`` strides, DQ is contiguous [B, Hq, N, D] fp32."""
+    """dQ of one tile of sorted queries. DO is read with the ``stride_o*`` strides; DQ is
+    contiguous [B, Hq, N, D], fp32 when ACCUMULATE (other launches add to it), else any dtype."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // q_heads
@@ -259,7 +259,7 @@ def _approx_dq_kernel(
     dq = dq * sm_scale
     if ACCUMULATE:
         dq += tl.load(dq_ptrs, mask=mask, other=0.0)
-    tl.store(dq_ptrs, dq, mask=mask)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
 
 
 @triton.jit

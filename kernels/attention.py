@@ -61,11 +61,12 @@ def set_tuning(tuning: Tuning | None) -> None:
 def tuning_for(head_dim: int, dtype: torch.dtype) -> Tuning:
     if _OVERRIDE is not None:
         return _OVERRIDE
+    # measured on an H100 by benchmarks/tune_kernels.py (see benchmarks/KERNEL_NOTES.md)
     if dtype == torch.float32 or head_dim > 128:
         return Tuning(block_m=64, block_n=32, bwd_block_m=32, fwd_warps=4, bwd_warps=4)
     if head_dim > 64:
-        return Tuning(block_m=128, block_n=64, bwd_block_m=64, fwd_warps=8, bwd_warps=8)
-    return Tuning(block_m=128, block_n=64, bwd_block_m=64, fwd_warps=4, bwd_warps=4)
+        return Tuning(block_m=64, block_n=64, bwd_block_m=64, fwd_warps=4, bwd_warps=4)
+    return Tuning(block_m=128, block_n=64, bwd_block_m=64, fwd_warps=4, bwd_warps=4, stages=3)
 
 
 # ----------------------------------------------------------------------------- what we serve
@@ -167,9 +168,10 @@ def _setup(q, k, v, is_causal: bool, scale: float | None, cfg: HyperConfig) -> _
         tune.block_m, tune.block_n, _num_sms(q.device),
     )  # fmt: skip
     planes = planes_for(dim, cfg.lsh_num_projs, cfg.seed, q.device)
-    q_order, _ = sort_levels(lsh_rank(q, planes, scale), plan.segments, cfg.lsh_num_projs)
+    r, n_seg = cfg.lsh_num_projs, plan.n_segments
+    q_order, _ = sort_levels(lsh_rank(q, planes, scale), plan.segments, r, n_segments=n_seg)
     k_order, k_inverse = sort_levels(
-        lsh_rank(k, planes, 1.0), plan.segments, cfg.lsh_num_projs, inverse=True
+        lsh_rank(k, planes, 1.0), plan.segments, r, inverse=True, n_segments=n_seg
     )
     return _Call(q, k, v, scale, cfg, plan, tune, q_order, k_order, k_inverse)
 
@@ -281,13 +283,15 @@ def hyper_attention_backward(
         out, grad_out, delta, *call.strides(out, grad_out), q_heads, nq,
         DV=dim_v, BLOCK_DV=triton.next_power_of_2(dim_v), BLOCK=64,
     )  # fmt: skip
-    dq = torch.empty(batch, q_heads, nq, dim, dtype=torch.float32, device=q.device)
+    diagonal = plan.leaf_start is not None
+    # dQ rows have one writer unless the diagonal leaves and the levels add up (recursive)
+    dq_dtype = torch.float32 if diagonal else q.dtype
+    dq = torch.empty(batch, q_heads, nq, dim, dtype=dq_dtype, device=q.device)
     dk = torch.empty(batch, kv_heads, nk, dim, dtype=torch.float32, device=q.device)
     dv = torch.empty(batch, kv_heads, nk, dim_v, dtype=torch.float32, device=q.device)
     common = (call.scale, call.scale * LOG2E, *call.strides(q, k, v, grad_out))
     kw = call.shape_kwargs(tune.bwd_warps)
 
-    diagonal = plan.leaf_start is not None
     if diagonal:
         _diag_dq_kernel[(triton.cdiv(nq, tune.block_m), batch * q_heads)](
             q, k, v, grad_out, lse, delta, dq, plan.leaf_start, *common, q_heads, nq,

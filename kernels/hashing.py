@@ -83,13 +83,18 @@ def lsh_rank(x: torch.Tensor, planes: torch.Tensor, scale: float) -> torch.Tenso
 
 
 def sort_levels(
-    ranks: torch.Tensor, segments: torch.Tensor | None, num_projs: int, inverse: bool = False
+    ranks: torch.Tensor,
+    segments: torch.Tensor | None,
+    num_projs: int,
+    inverse: bool = False,
+    n_segments: int = 1,
 ):
     """Stable sort of every level at once.
 
     Args:
         ranks: [B, H, N] int32 Gray-code ranks.
         segments: [L, N] int32 monotone segment ids, or None for a single level of one segment.
+        n_segments: one more than the largest segment id (a host int: no device sync).
 
     Returns:
         (order [L, B, H, N] int32 original positions in sorted order,
@@ -99,6 +104,8 @@ def sort_levels(
         keys = ranks.unsqueeze(0)
     else:
         keys = (segments[:, None, None, :] << num_projs) + ranks.unsqueeze(0)
+    if n_segments << num_projs <= 2**15:  # 16-bit keys halve the radix sort's passes
+        keys = keys.to(torch.int16)
     order = torch.sort(keys, dim=-1, stable=True).indices.to(torch.int32)
     if not inverse:
         return order, None

@@ -62,6 +62,7 @@ class Plan:
             else None.
         leaf_end: [Nq] int32 one past the last row of that leaf, else None.
         only_past: the approximation masks future keys and counts the diagonal (flat causal).
+        n_segments: one more than the largest segment id.
     """
 
     levels: tuple[Level, ...]
@@ -69,6 +70,7 @@ class Plan:
     leaf_start: torch.Tensor | None
     leaf_end: torch.Tensor | None
     only_past: bool
+    n_segments: int = 1
 
 
 def _tree(n: int, min_seq_len: int):
@@ -171,5 +173,12 @@ def make_plan(
     for off, size in leaves:
         leaf_start[off : off + size] = off
         leaf_end[off : off + size] = off + size
-    seg = torch.stack(segments).to(torch.int32).to(device) if segments else None
-    return Plan(tuple(levels), seg, leaf_start.to(device), leaf_end.to(device), only_past=False)
+    seg = torch.stack(segments).to(torch.int32) if segments else None
+    return Plan(
+        tuple(levels),
+        None if seg is None else seg.to(device),
+        leaf_start.to(device),
+        leaf_end.to(device),
+        only_past=False,
+        n_segments=1 if seg is None else int(seg.max()) + 1,
+    )

@@ -180,3 +180,19 @@ def test_unsupported_shapes():
     assert "multiple" in kernels.unsupported_reason(q3, k3, v3, False, SMALL)
     q8, k8, v8, _ = _inputs(1, 1, 1, 8, 8, 8, torch.float32)
     assert "head dims" in kernels.unsupported_reason(q8, k8, v8, False, SMALL)
+
+
+@pytest.mark.parametrize("n_segments", [3, 300], ids=["int16-keys", "int32-keys"])
+def test_sort_levels_segments(n_segments):
+    from hyperpass.kernels.hashing import sort_levels
+
+    n, r = 600, 7
+    ranks = torch.randint(0, 2**r, (2, 3, n), dtype=torch.int32)
+    segments = (torch.arange(n) * n_segments // n).to(torch.int32).unsqueeze(0)
+    order, inverse = sort_levels(ranks, segments, r, inverse=True, n_segments=n_segments)
+    for b in range(2):
+        for h in range(3):
+            pairs = sorted(range(n), key=lambda i: (int(segments[0, i]), int(ranks[b, h, i]), i))
+            assert order[0, b, h].tolist() == pairs
+    positions = torch.arange(n, dtype=torch.int32).expand(2, 3, n)
+    assert torch.equal(inverse[0].gather(-1, order[0].long()), positions)
