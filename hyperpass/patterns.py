@@ -347,6 +347,8 @@ def match_handwritten(node: fx.Node):
     mq, mk, mv = _meta(m.q), _meta(m.k), _meta(m.v)
     if mq is None or mk is None or mv is None:
         return None
+    if not (mq.dim() == mk.dim() == mv.dim() >= 3):
+        return None  # e.g. softmax(x @ W) @ V with a weight matrix: not attention
     return _site(node, m, mq, mk, mv)
 
 
