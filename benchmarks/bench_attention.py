@@ -12,7 +12,7 @@ on the same inputs (Gaussian inputs: see docs/performance.md on what that error 
 FLOPs of exact attention: 4 * B * Hq * Nq * Nk * D (halved when causal), forward only.
 
     python benchmarks/bench_attention.py --out $OUT/bench.json --png $OUT/speedup.png
-    python benchmarks/bench_attention.py --plot-only bench.json --png docs/speedup.png
+    python benchmarks/bench_attention.py --plot-only bench.json --png docs/speedup.png  # + tables
 """
 
 from __future__ import annotations
@@ -260,6 +260,53 @@ def profile(setting: str, n: int) -> None:
                 print(table, flush=True)
 
 
+def markdown(rows: list[dict]) -> str:
+    """The results as markdown tables, one per setting (ms, speedup vs SDPA, peak MB)."""
+    impls = ("sdpa", "sdpa_flash", "hyper", "hyper_flat", "reference")
+    by_key: dict = {}
+    for r in rows:
+        key = (r["setting"], r["n"], r["causal"], r["pass"])
+        by_key.setdefault(key, {})[r["impl"]] = r
+    lines = []
+    for setting in dict.fromkeys(k[0] for k in by_key):
+        s = SETTINGS[setting]
+        lines += [
+            f"### {setting}: B={s['batch']}, Hq={s['q_heads']}, Hkv={s['kv_heads']}, D={s['dim']}",
+            "",
+            "| n | mask | pass | " + " | ".join(impls) + " | peak MB (sdpa / hyper / flat) "
+            "| rel err hyper / flat |",
+            "|---" * (len(impls) + 5) + "|",
+        ]
+        for key, cell in by_key.items():
+            if key[0] != setting:
+                continue
+
+            def fmt(impl, cell=cell):
+                r = cell.get(impl)
+                if r is None or "ms" not in r:
+                    return "-" if r is None else "error"
+                speed = f" ({r['speedup_vs_sdpa']:.2f}x)" if impl != "sdpa" else ""
+                return f"{r['ms']:.2f}{speed}"
+
+            def mem(impl, cell=cell):
+                r = cell.get(impl)
+                return f"{r['peak_mb']:.0f}" if r and "peak_mb" in r else "-"
+
+            def err(impl, cell=cell):
+                r = cell.get(impl)
+                return f"{r['rel_err']:.2f}" if r and "rel_err" in r else "-"
+
+            mask = "causal" if key[2] else "none"
+            lines.append(
+                f"| {key[1]} | {mask} | {key[3]} | "
+                + " | ".join(fmt(i) for i in impls)
+                + f" | {mem('sdpa')} / {mem('hyper')} / {mem('hyper_flat')}"
+                + f" | {err('hyper')} / {err('hyper_flat')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
@@ -268,7 +315,9 @@ def main() -> int:
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--out", default=None, help="JSON output")
     parser.add_argument("--png", default=None, help="speedup plot")
-    parser.add_argument("--plot-only", default=None, help="draw --png from this JSON")
+    parser.add_argument(
+        "--plot-only", default=None, help="from this JSON: draw --png, print markdown tables"
+    )
     parser.add_argument("--profile", type=int, default=0, help="profile the kernels at this n")
     args = parser.parse_args()
     if args.profile:
@@ -276,7 +325,10 @@ def main() -> int:
         return 0
     if args.plot_only:
         with open(args.plot_only) as f:
-            plot(json.load(f)["rows"], args.png)
+            rows = json.load(f)["rows"]
+        if args.png:
+            plot(rows, args.png)
+        print(markdown(rows))
         return 0
     import torch
     import triton
