@@ -20,6 +20,7 @@ why. Must not import the kernels.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import logging
 import operator
 import re
@@ -369,8 +370,11 @@ def rewrite_graph(
         gm.recompile()
     if not dry_run:
         COUNTERS.record(reports)
-    log_reports(reports, getattr(gm, "_hyperpass_name", type(gm).__name__))
+    log_reports(reports, f"graph {next(_GRAPH_ORDINAL)}{' (dry run)' if dry_run else ''}")
     return reports
+
+
+_GRAPH_ORDINAL = itertools.count(1)  # names graphs in the log
 
 
 def _layer_index(module: str) -> int:
