@@ -53,12 +53,20 @@ def test_backend_options_reach_the_config():
 
 
 def test_backend_name_resolves_after_import_hyperpass_only():
-    """A fresh process: ``import hyperpass`` and the name "hyperpass" finds the backend."""
+    """A fresh process: after ``import hyperpass`` only, the name "hyperpass" finds the backend
+    (through the package's entry point) and compiles with it (default: Inductor)."""
     code = (
-        "import hyperpass, torch\n"
+        "import hyperpass, sys, torch\n"
         "from torch._dynamo.backends.registry import lookup_backend\n"
+        "assert 'hyperpass.backend' not in sys.modules\n"
+        "found = lookup_backend('hyperpass')\n"
         "import hyperpass.backend as b\n"
-        "assert lookup_backend('hyperpass') is b.hyperpass_backend\n"
+        "assert found is b.hyperpass_backend\n"
+        "sdpa = torch.nn.functional.scaled_dot_product_attention\n"
+        "f = torch.compile(lambda q: sdpa(q, q, q), backend='hyperpass')\n"
+        "f(torch.randn(1, 1, 8, 4))\n"
+        "from hyperpass.report import COUNTERS\n"
+        "assert COUNTERS.skipped == {'short': 1}, COUNTERS\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
