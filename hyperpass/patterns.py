@@ -386,10 +386,12 @@ def _site(node, m: _Match, mq, mk, mv):
         site.exact_reason = ("weights_used", "attention scores or weights have other users")
     elif mq.dim() not in (3, 4):
         site.exact_reason = ("not_4d", f"{mq.dim()}-D attention")
-    elif not _batch_dims_match(mq, mk, mv, m.k_transposed):
+    elif not (match := _batch_dims_match(mq, mk, mv, m.k_transposed)):
         site.exact_reason = ("broadcast", "q, k, v batch/head dims differ (broadcast matmul)")
     elif _meta(node).dtype != mq.dtype:
         site.exact_reason = ("dtype", f"output dtype {_meta(node).dtype} != q dtype {mq.dtype}")
+    else:
+        site.enable_gqa = match == "mqa"  # one KV head shared by all query heads: native GQA
     return site
 
 
@@ -409,15 +411,23 @@ def _only_inside_or_metadata(n: fx.Node, inside: set) -> bool:
     return True
 
 
-def _batch_dims_match(mq, mk, mv, k_transposed) -> bool:
+def _batch_dims_match(mq, mk, mv, k_transposed) -> bool | str:
+    """True when q, k, v agree on their leading dims; ``"mqa"`` when they agree except for one
+    shared KV head broadcast over the query heads (``k``/``v`` ``[B, 1, N, D]``); else False."""
     from hyperpass.fx_pass import _same
 
     if not (mq.dim() == mk.dim() == mv.dim()):
         return False
-    ok = all(
-        _same(a, b) and _same(a, c)
-        for a, b, c in zip(mq.shape[:-2], mk.shape[:-2], mv.shape[:-2], strict=False)
-    )
     d_k = mk.shape[-2] if k_transposed else mk.shape[-1]
     n_k = mk.shape[-1] if k_transposed else mk.shape[-2]
-    return ok and _same(mq.shape[-1], d_k) and _same(n_k, mv.shape[-2])
+    if not (_same(mq.shape[-1], d_k) and _same(n_k, mv.shape[-2])):
+        return False
+    lead = list(zip(mq.shape[:-2], mk.shape[:-2], mv.shape[:-2], strict=True))
+    if all(_same(a, b) and _same(a, c) for a, b, c in lead):
+        return True
+    mqa = mq.dim() == 4 and mk.shape[1] == 1 and mv.shape[1] == 1
+    mqa = mqa and isinstance(mq.shape[1], int) and mq.shape[1] > 1
+    others = lead[:1]
+    if mqa and all(_same(a, b) and _same(a, c) for a, b, c in others):
+        return "mqa"
+    return False

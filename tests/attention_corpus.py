@@ -289,6 +289,11 @@ def hw_t5_position_bias(q, k, v, bias):
     return torch.matmul(s.float().softmax(dim=-1).type_as(s), v)
 
 
+def hw_mqa_broadcast(q, k, v):
+    """Multi-query attention by broadcasting: one KV head [B, 1, N, D] for all query heads."""
+    return torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1) @ v
+
+
 def hw_returns_weights(q, k, v):
     w = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
     return w @ v, w
@@ -410,6 +415,7 @@ def corpus() -> list[Case]:
             (*qkv(), torch.randn(1, H, N, N)),
             (("mask:padding", "padding"),),
         ),
+        Case("hw_mqa_broadcast", Fn(hw_mqa_broadcast), qkv(h_kv=1), ((rw, "none"),), gqa=True),
         Case("hw_returns_weights", Fn(hw_returns_weights), qkv(), (("weights_used", "none"),)),
         Case(
             "hw_k_pretransposed",
