@@ -31,7 +31,7 @@ _LAZY = {
 def __getattr__(name):
     if name in _LAZY:
         return getattr(_importlib.import_module(_LAZY[name]), name)
-    if name in ("onnx", "tensorrt", "kernels", "reference"):
+    if name in ("onnx", "tensorrt", "kernels", "reference", "hf", "patching"):
         return _importlib.import_module(f"hyperpass.{name}")
     raise AttributeError(f"module 'hyperpass' has no attribute {name!r}")
 
