@@ -295,7 +295,7 @@ def prepare(args) -> None:
             raise ValueError(f"text {name!r} has {len(ids)} tokens < {args.n_tokens}")
         texts[name] = torch.tensor(ids[: args.n_tokens], dtype=torch.long)
     passkeys = [
-        quality_texts.passkey_prompt(tokenizer, depth, args.n_tokens, seed=i)
+        quality_texts.passkey_prompt(tokenizer, depth, args.n_tokens, seed=args.seed + i)
         for i, depth in enumerate(args.depths)
     ]
     payload = {
@@ -425,10 +425,46 @@ def format_row(name: str, row: dict) -> str:
     )
 
 
+def markdown_table(results: dict) -> str:
+    """The measured rows as a Markdown table, sorted by work (exact first)."""
+    rows = results["rows"]
+    exact = rows.get("exact", {})
+    head = (
+        "| configuration | layers | keys/query (layer) | work vs exact | ppl code | ppl prose "
+        "| passkey (depths 0.1..0.9) | out rel. err | lse rel. err |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    order = sorted(rows, key=lambda r: (r != "exact", -rows[r]["work_ratio"]))
+    for name in order:
+        row = rows[name]
+
+        def ppl(text, row=row):
+            value = row[f"ppl_{text}"]
+            if f"ppl_{text}" not in exact or row is exact:
+                return f"{value:.3f}"
+            return f"{value:.3f} ({value / exact[f'ppl_{text}'] - 1:+.1%})"
+
+        depths = " ".join(f"{v:.0%}" for v in row["passkey"].values())
+        err = (
+            f"{row['out_rel_err']:.3f} | {row['lse_rel_err']:.4f}"
+            if "out_rel_err" in row
+            else "- | -"
+        )
+        lines.append(
+            f"| `{name}` | {row['layers']} | {row['keys_per_query']:.0f} | "
+            f"{1 / row['work_ratio']:.2f} | {ppl('code')} | {ppl('prose')} | "
+            f"{row['passkey_mean']:.0%} ({depths}) | {err} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
 def report(args) -> None:
     results = _load_results(Path(args.out))
     for name, row in results["rows"].items():
         print(format_row(name, row))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(results))
     if args.plot:
         plot(results, args.plot)
 
@@ -476,10 +512,12 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--n-tokens", type=int, default=N_TOKENS)
     parser.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=DEPTHS)
+    parser.add_argument("--seed", type=int, default=0, help="first passkey's seed (prepare)")
     parser.add_argument("--kernel-level", action="store_true")
     parser.add_argument("--asset", default=None)
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--markdown", default=None)
     args = parser.parse_args(argv)
     if args.command == "prepare":
         prepare(args)

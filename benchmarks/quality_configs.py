@@ -55,6 +55,18 @@ BASE.update(
         "sel_w1024_k4_b128": {**_SEL, "topk": 4, "block": 128},
         "sel_w1024_k16_b32": {**_SEL, "topk": 16, "block": 32},
         "sel_w1024_k8_q128_gqa_mean": {**_SEL, "qblock": 128, "share_gqa": True, "agg": "mean"},
+        "sel_w512_k16_mean": {**_SEL, "window": 512, "topk": 16, "agg": "mean"},
+        "sel_w512_k8_mean": {**_SEL, "window": 512, "agg": "mean"},
+        "sel_w256_k16_mean": {**_SEL, "window": 256, "topk": 16, "agg": "mean"},
+        "sel_w1024_k8_mean_gqa": {**_SEL, "agg": "mean", "share_gqa": True},
+        "sel_w1024_k4_b128_mean_gqa": {
+            **_SEL,
+            "topk": 4,
+            "block": 128,
+            "agg": "mean",
+            "share_gqa": True,
+        },
+        "sel_w1024_s0_k8_mean": {**_SEL, "sinks": 0, "agg": "mean"},
     }
 )
 
