@@ -20,7 +20,7 @@ if _os.path.isfile(_os.path.join(_checkout_root, "kernels", "__init__.py")) and 
 
 # public name -> module that defines it (loaded lazily: torch._dynamo, onnx... are heavy)
 _LAZY = {
-    "backend": "hyperpass.backend",
+    "backend": "hyperpass.compiler",
     "explain": "hyperpass.report",
     "patch": "hyperpass.patching",
     "unpatch": "hyperpass.patching",

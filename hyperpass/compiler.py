@@ -1,4 +1,4 @@
-"""The torch.compile backend: rewrite attention (``hyperpass.fx_pass``), then compile.
+"""``hyperpass.backend``, the torch.compile backend: rewrite attention, then compile.
 
     model = torch.compile(model, backend=hyperpass.backend(min_len=4096, block_size=256))
     model = torch.compile(model, backend="hyperpass")   # the defaults
@@ -15,8 +15,6 @@ checkout on ``sys.path``). Must not import the kernels.
 from __future__ import annotations
 
 import logging
-import sys
-import types
 from collections.abc import Callable, Mapping
 
 from hyperpass.config import HyperConfig, field_names
@@ -73,7 +71,7 @@ def make_options(
 
 def backend(
     min_len: int = 4096,
-    *,
+    *graph_call,
     inner: str | Callable = "inductor",
     layers: str | list[str] | None = None,
     last_n_layers: int | None = None,
@@ -99,10 +97,15 @@ def backend(
         ``compile_fn.reports`` (the :class:`~hyperpass.report.SiteReport` of every site of every
         graph it compiled).
 
+    Passed uncalled (``torch.compile(model, backend=hyperpass.backend)``), it is the default
+    backend: Dynamo then calls it with ``(gm, example_inputs)``.
+
     Raises:
         TypeError: an unknown parameter or inner compiler type.
         ValueError: a value out of range, or an unknown inner compiler name.
     """
+    if graph_call:  # called by Dynamo as a backend: min_len is the graph module
+        return hyperpass_backend(min_len, *graph_call)
     options = make_options(
         min_len, layers=layers, last_n_layers=last_n_layers, overrides=overrides, **params
     )
@@ -162,18 +165,4 @@ def _register_name() -> None:
         registry.register_backend(hyperpass_backend, name=BACKEND_NAME)
 
 
-class _CallableModule(types.ModuleType):
-    """``hyperpass.backend`` is both this module and :func:`backend`: importing the submodule
-    sets the package attribute ``backend`` to the module, so the module forwards calls.
-    Passed uncalled as a backend (``backend=hyperpass.backend``), it is the default backend."""
-
-    def __call__(self, *args, **kwargs):
-        import torch.fx
-
-        if args and isinstance(args[0], torch.fx.GraphModule):
-            return hyperpass_backend(*args, **kwargs)
-        return backend(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 _register_name()

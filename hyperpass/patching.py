@@ -328,7 +328,7 @@ def _eager_forward(forward, config: HyperConfig, report: RoutingReport, site: st
 
 def _compiled_forward(forward, config: HyperConfig, inner, params):
     try:
-        from hyperpass.backend import backend
+        from hyperpass.compiler import backend
     except ImportError as err:
         raise RuntimeError(
             f"mode='compile' needs hyperpass.backend, which could not be imported ({err})"

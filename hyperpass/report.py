@@ -176,7 +176,7 @@ def explain(
     """
     import torch
 
-    from hyperpass.backend import make_options
+    from hyperpass.compiler import make_options
     from hyperpass.fx_pass import rewrite_graph
 
     opts = make_options(min_len=min_len, **options)

@@ -58,9 +58,9 @@ def test_backend_name_resolves_after_import_hyperpass_only():
     code = (
         "import hyperpass, sys, torch\n"
         "from torch._dynamo.backends.registry import lookup_backend\n"
-        "assert 'hyperpass.backend' not in sys.modules\n"
+        "assert 'hyperpass.compiler' not in sys.modules\n"
         "found = lookup_backend('hyperpass')\n"
-        "import hyperpass.backend as b\n"
+        "import hyperpass.compiler as b\n"
         "assert found is b.hyperpass_backend\n"
         "sdpa = torch.nn.functional.scaled_dot_product_attention\n"
         "f = torch.compile(lambda q: sdpa(q, q, q), backend='hyperpass')\n"
@@ -73,13 +73,16 @@ def test_backend_name_resolves_after_import_hyperpass_only():
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def test_module_attribute_is_callable():
-    """``hyperpass.backend`` stays callable once the submodule is imported."""
-    import hyperpass.backend as module
+def test_backend_passed_uncalled_is_the_default_backend():
+    """``torch.compile(fn, backend=hyperpass.backend)`` works like ``backend="hyperpass"``."""
+    import hyperpass.compiler  # noqa: F401  (importing the module does not shadow the function)
 
-    assert hyperpass.backend is module or callable(hyperpass.backend)
-    be = hyperpass.backend(min_len=16, inner="eager")
-    assert be.options.config.min_len == 16
+    assert callable(hyperpass.backend) and hyperpass.backend.__name__ == "backend"
+    assert hyperpass.backend(min_len=16, inner="eager").options.config.min_len == 16
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    q = torch.randn(1, 1, 8, 4)
+    out = torch.compile(lambda q: sdpa(q, q, q), backend=hyperpass.backend)(q)
+    torch.testing.assert_close(out, sdpa(q, q, q))
 
 
 @pytest.mark.parametrize("inner", ["eager", "aot_eager"])

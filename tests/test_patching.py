@@ -265,13 +265,13 @@ def test_user_torch_compile_recompiles_no_more_than_unpatched(model):
 
 def _backend_available():
     try:
-        import hyperpass.backend  # noqa: F401
+        import hyperpass.compiler  # noqa: F401
     except ImportError:
         return False
     return True
 
 
-@pytest.mark.skipif(not _backend_available(), reason="hyperpass.backend (compiler pass) absent")
+@pytest.mark.skipif(not _backend_available(), reason="hyperpass.compiler (compiler pass) absent")
 def test_compile_mode_rewrites_hand_written_attention(x):
     class HandWritten(nn.Module):
         def forward(self, q, k, v):
