@@ -96,6 +96,12 @@ def _shape(s) -> str:
     return "[" + ", ".join(str(x) for x in s) + "]"
 
 
+def _mask_cell(r: SiteReport) -> str:
+    if r.mask == "none":
+        return "is_causal" if r.is_causal else "none"
+    return r.mask + (" -> causal op" if r.is_causal else "")
+
+
 def format_table(reports: list[SiteReport]) -> str:
     """The reports as a plain-text table, one row per site."""
     header = ("module", "form", "q", "k", "mask", "decision", "reason")
@@ -105,7 +111,7 @@ def format_table(reports: list[SiteReport]) -> str:
             r.form + (" +gqa" if r.gqa else ""),
             _shape(r.q_shape),
             _shape(r.k_shape),
-            r.mask + (" ->causal" if r.is_causal and r.mask != "none" else ""),
+            _mask_cell(r),
             r.decision,
             r.reason,
         )
