@@ -23,10 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-# finite running max of empty rows: exp2(FLOOR - FLOOR) stays 1, never NaN
-FLOOR = tl.constexpr(-1.0e30)
+from .common import FLOOR, _exact_elsewhere, _load_rows, _softmax_step
 
 
 @triton.jit
@@ -42,13 +39,6 @@ def _sub_params(SUBS, s):
 
 
 @triton.jit
-def _load_rows(PTR, rows, stride_n, cols, n_cols, row_ok):
-    """Rows ``rows`` (int, [R]) of a [N, C] matrix at PTR: [R, BLOCK_C]."""
-    offs = rows[:, None].to(tl.int64) * stride_n + cols[None, :]
-    return tl.load(PTR + offs, mask=row_ok[:, None] & (cols < n_cols)[None, :], other=0.0)
-
-
-@triton.jit
 def _sample_keys(SAMPLES, KINV, s, b, hkv, batch, kv_heads, n_keys, n_samples, k_off, bsize, sc):
     """Global positions and sortLSH block ids of samples ``sc`` of sub-problem ``s``."""
     s_ok = sc < n_samples
@@ -57,6 +47,20 @@ def _sample_keys(SAMPLES, KINV, s, b, hkv, batch, kv_heads, n_keys, n_samples, k
     kpos = k_off + idx
     inv = tl.load(KINV + (b * kv_heads + hkv).to(tl.int64) * n_keys + kpos, mask=s_ok, other=0)
     return kpos, (inv - k_off) // bsize, s_ok
+
+
+@triton.jit
+def _past_and_not_exact(
+    qpos, kpos, window, dilation, sinks,
+    ONLY_PAST: tl.constexpr, PATTERN: tl.constexpr, CAUSAL_WINDOW: tl.constexpr,
+):  # fmt: skip
+    """[M, N] bool: the key may count here (flat causal: strictly past; not a pattern/sink key)."""
+    keep = qpos[:, None] >= 0  # all true
+    if ONLY_PAST:
+        keep = keep & (kpos[None, :] < qpos[:, None])
+    if PATTERN:
+        keep = keep & ~_exact_elsewhere(qpos, kpos, window, dilation, sinks, CAUSAL_WINDOW)
+    return keep
 
 
 @triton.jit
@@ -69,10 +73,12 @@ def _approx_fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     batch, q_heads, kv_heads, n_queries, n_keys, n_samples, bsize,
+    window, dilation, sinks,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MERGE: tl.constexpr, ONLY_PAST: tl.constexpr, PRECISION: tl.constexpr,
+    PATTERN: tl.constexpr, CAUSAL_WINDOW: tl.constexpr, SEED_SELF: tl.constexpr,
 ):  # fmt: skip
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -103,7 +109,7 @@ def _approx_fwd_kernel(
         m_i = tl.where(has, prev * 1.4426950408889634, FLOOR)
         l_i = tl.where(has, 1.0, 0.0)
         acc = _load_rows(o_base, qpos, stride_on, dv, DV, row_ok & has).to(tl.float32)
-    elif ONLY_PAST:  # the query's own key: the reference's window of one
+    elif SEED_SELF:  # the query's own key: the reference's window of one
         k_self = _load_rows(k_base, qpos, stride_kn, d, D, row_ok)
         m_i = tl.sum(q.to(tl.float32) * k_self.to(tl.float32), axis=1) * qk_scale
         l_i = tl.where(row_ok, 1.0, 0.0)
@@ -123,17 +129,14 @@ def _approx_fwd_kernel(
         k = _load_rows(k_base, kpos, stride_kn, d, D, col_ok)
         v = _load_rows(v_base, kpos, stride_vn, dv, DV, col_ok)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if ONLY_PAST:
-            keep = col_ok[None, :] & (kpos[None, :] < qpos[:, None])
+        if ONLY_PAST or PATTERN:
+            keep = col_ok[None, :] & _past_and_not_exact(
+                qpos, kpos, window, dilation, sinks, ONLY_PAST, PATTERN, CAUSAL_WINDOW
+            )
             scores = tl.where(keep, scores, float("-inf"))
         else:  # rows past the tile hold zeros: finite, and never stored
             scores = tl.where(col_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, scores, v, PRECISION)
 
     # the uniform samples, weight nk/m, minus the keys of the query's own block
     log2_weight = tl.log2(nk.to(tl.float32) / tl.maximum(n_samples, 1))
@@ -145,16 +148,13 @@ def _approx_fwd_kernel(
         k = _load_rows(k_base, kpos, stride_kn, d, D, s_ok)
         v = _load_rows(v_base, kpos, stride_vn, dv, DV, s_ok)
         keep = (s_ok & (sblk != kb))[None, :]
-        if ONLY_PAST:
-            keep = keep & (kpos[None, :] < qpos[:, None])
+        if ONLY_PAST or PATTERN:
+            keep = keep & _past_and_not_exact(
+                qpos, kpos, window, dilation, sinks, ONLY_PAST, PATTERN, CAUSAL_WINDOW
+            )
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + log2_weight
         scores = tl.where(keep, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, scores, v, PRECISION)
 
     nonempty = l_i > 0
     safe_l = tl.where(nonempty, l_i, 1.0)
@@ -177,10 +177,12 @@ def _approx_dq_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     batch, q_heads, kv_heads, n_queries, n_keys, n_samples, bsize,
+    window, dilation, sinks,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ACCUMULATE: tl.constexpr, ONLY_PAST: tl.constexpr, PRECISION: tl.constexpr,
+    PATTERN: tl.constexpr, CAUSAL_WINDOW: tl.constexpr, SEED_SELF: tl.constexpr,
 ):  # fmt: skip
     """dQ of one tile of sorted queries. DO is read with the ``stride_o*`` strides; DQ is
     contiguous [B, Hq, N, D], fp32 when ACCUMULATE (other launches add to it), else any dtype."""
@@ -212,7 +214,7 @@ def _approx_dq_kernel(
     delta = tl.load(DELTA + row_base + qpos, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    if ONLY_PAST:  # the query's own key
+    if SEED_SELF:  # the query's own key
         k_self = _load_rows(k_base, qpos, stride_kn, d, D, row_ok).to(tl.float32)
         v_self = _load_rows(v_base, qpos, stride_vn, dv, DV, row_ok).to(tl.float32)
         p_self = tl.exp2(tl.sum(q.to(tl.float32) * k_self, axis=1) * qk_scale - lse2)
@@ -229,8 +231,10 @@ def _approx_dq_kernel(
         k = _load_rows(k_base, kpos, stride_kn, d, D, col_ok)
         v = _load_rows(v_base, kpos, stride_vn, dv, DV, col_ok)
         keep = row_ok[:, None] & col_ok[None, :]
-        if ONLY_PAST:
-            keep = keep & (kpos[None, :] < qpos[:, None])
+        if ONLY_PAST or PATTERN:
+            keep = keep & _past_and_not_exact(
+                qpos, kpos, window, dilation, sinks, ONLY_PAST, PATTERN, CAUSAL_WINDOW
+            )
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.where(keep, tl.exp2(scores - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -246,8 +250,10 @@ def _approx_dq_kernel(
         k = _load_rows(k_base, kpos, stride_kn, d, D, s_ok)
         v = _load_rows(v_base, kpos, stride_vn, dv, DV, s_ok)
         keep = row_ok[:, None] & (s_ok & (sblk != kb))[None, :]
-        if ONLY_PAST:
-            keep = keep & (kpos[None, :] < qpos[:, None])
+        if ONLY_PAST or PATTERN:
+            keep = keep & _past_and_not_exact(
+                qpos, kpos, window, dilation, sinks, ONLY_PAST, PATTERN, CAUSAL_WINDOW
+            )
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + log2_weight
         p = tl.where(keep, tl.exp2(scores - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -272,10 +278,12 @@ def _approx_dkdv_block_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     q_heads, kv_heads, n_queries, n_keys, bsize,
+    window, dilation, sinks,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ACCUMULATE: tl.constexpr, ONLY_PAST: tl.constexpr, PRECISION: tl.constexpr,
+    PATTERN: tl.constexpr, CAUSAL_WINDOW: tl.constexpr, SEED_SELF: tl.constexpr,
 ):  # fmt: skip
     """dK/dV of one tile of a sortLSH key block: every query tile of its block(s), all heads of
     the GQA group. DK/DV_OUT are contiguous fp32 [B, Hkv, Nk, D]."""
@@ -323,15 +331,17 @@ def _approx_dkdv_block_kernel(
                 lse2 = tl.where(lse2 > float("-inf"), lse2, 0.0)
                 delta = tl.load(DELTA + row_base + qpos, mask=row_ok, other=0.0)
                 keep = row_ok[:, None] & col_ok[None, :]
-                if ONLY_PAST:
-                    keep = keep & (kpos[None, :] < qpos[:, None])
+                if ONLY_PAST or PATTERN:
+                    keep = keep & _past_and_not_exact(
+                        qpos, kpos, window, dilation, sinks, ONLY_PAST, PATTERN, CAUSAL_WINDOW
+                    )
                 scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
                 p = tl.where(keep, tl.exp2(scores - lse2[:, None]), 0.0)
                 dvacc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
                 dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
                 ds = p * (dp - delta[:, None])
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        if ONLY_PAST:  # each key is also its own query's diagonal entry (the window of one)
+        if SEED_SELF:  # each key is also its own query's diagonal entry (the window of one)
             q_self = _load_rows(q_base, kpos, stride_qn, d, D, col_ok).to(tl.float32)
             do_self = _load_rows(do_base, kpos, stride_on, dv, DV, col_ok).to(tl.float32)
             lse2_self = tl.load(LSE + row_base + kpos, mask=col_ok, other=0.0) * 1.4426950408889634
@@ -365,10 +375,12 @@ def _approx_dkdv_sample_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     batch, q_heads, kv_heads, n_queries, n_keys, n_samples, bsize, q_split,
+    window, dilation, sinks,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ONLY_PAST: tl.constexpr, PRECISION: tl.constexpr,
+    PATTERN: tl.constexpr, CAUSAL_WINDOW: tl.constexpr,
 ):  # fmt: skip
     """dK/dV of a chunk of samples from one split of the sub-problem's sorted queries, added
     atomically into fp32 DK/DV_OUT (a key may be drawn several times and by several splits)."""
@@ -413,8 +425,10 @@ def _approx_dkdv_sample_kernel(
             lse2 = tl.where(lse2 > float("-inf"), lse2, 0.0)
             delta = tl.load(DELTA + row_base + qpos, mask=row_ok, other=0.0)
             keep = row_ok[:, None] & s_ok[None, :] & (qblk[:, None] != sblk[None, :])
-            if ONLY_PAST:
-                keep = keep & (kpos[None, :] < qpos[:, None])
+            if ONLY_PAST or PATTERN:
+                keep = keep & _past_and_not_exact(
+                    qpos, kpos, window, dilation, sinks, ONLY_PAST, PATTERN, CAUSAL_WINDOW
+                )
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + log2_weight
             p = tl.where(keep, tl.exp2(scores - lse2[:, None]), 0.0)
             dvacc += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)

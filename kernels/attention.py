@@ -30,6 +30,15 @@ from .approx import (
 )
 from .exact import _diag_dkdv_kernel, _diag_dq_kernel, _diag_fwd_kernel
 from .hashing import lsh_rank, planes_for, sort_levels
+from .pattern import (
+    LIMIT_ALL,
+    LIMIT_LEAF,
+    LIMIT_PAST,
+    _pattern_dkdv_kernel,
+    _pattern_dq_kernel,
+    _pattern_fwd_kernel,
+    _sinks_dkdv_kernel,
+)
 from .plan import Plan, make_plan
 
 LOG2E = 1.4426950408889634
@@ -96,10 +105,6 @@ def unsupported_reason(q, k, v, is_causal: bool, cfg: HyperConfig) -> str | None
         return "sequence too long for int32 positions"
     if is_causal and q.shape[2] != k.shape[2]:
         return "causal needs Nq == Nk"
-    if not cfg.uses_lsh:
-        return f"method={cfg.method!r} (pattern-only methods are not in the kernels yet)"
-    if cfg.window > 0 or cfg.sinks > 0:
-        return "window/sinks are not in the kernels yet"
     return None
 
 
@@ -110,6 +115,31 @@ def _interpreting() -> bool:
 
 
 # ----------------------------------------------------------------------------- shared setup
+@dataclass(frozen=True)
+class _Pattern:
+    """The exact window/sinks part of one call, as the kernels take it (see ``pattern.py``)."""
+
+    window: int  # effective window (flat causal: at least 1), clamped to the sequence
+    dilation: int
+    reach: int  # window keys per side in the residue class: (window - 1) // dilation + 1
+    n_sinks: int  # min(sinks, Nk)
+    causal: bool  # the op is causal: the window looks only back
+    limit: int  # LIMIT_ALL / LIMIT_PAST / LIMIT_LEAF
+
+
+def _pattern_of(nq: int, nk: int, is_causal: bool, cfg: HyperConfig) -> _Pattern | None:
+    """None when the reference has no window/sinks part (the approximation's own paths)."""
+    if cfg.uses_lsh and cfg.window == 0 and cfg.sinks == 0:
+        return None
+    recursive = is_causal and cfg.uses_lsh and cfg.causal_algo == "recursive"
+    flat = is_causal and not recursive
+    # a flat causal pass lets every query see itself; |d| < max(nq, nk) + 1 always holds
+    window = min(max(cfg.window, 1) if flat else cfg.window, max(nq, nk) + 1)
+    limit = LIMIT_LEAF if recursive else LIMIT_PAST if flat else LIMIT_ALL
+    reach = (window - 1) // cfg.dilation + 1 if window else 0
+    return _Pattern(window, cfg.dilation, reach, min(cfg.sinks, nk), is_causal, limit)
+
+
 @dataclass
 class _Call:
     q: torch.Tensor
@@ -117,11 +147,12 @@ class _Call:
     v: torch.Tensor
     scale: float
     cfg: HyperConfig
-    plan: Plan
+    plan: Plan | None  # None: pattern-only method (no sortLSH, no samples)
     tune: Tuning
-    q_order: torch.Tensor  # [L, B, Hq, Nq] int32
-    k_order: torch.Tensor  # [L, B, Hkv, Nk] int32
-    k_inverse: torch.Tensor  # [L, B, Hkv, Nk] int32
+    pattern: _Pattern | None
+    q_order: torch.Tensor | None  # [L, B, Hq, Nq] int32
+    k_order: torch.Tensor | None  # [L, B, Hkv, Nk] int32
+    k_inverse: torch.Tensor | None  # [L, B, Hkv, Nk] int32
 
     @property
     def group(self) -> int:
@@ -130,6 +161,22 @@ class _Call:
     @property
     def precision(self) -> str:
         return "ieee" if self.q.dtype == torch.float32 else "tf32"
+
+    def exclusion_args(self) -> tuple[int, int, int]:
+        """(window, dilation, sinks) that the LSH and sampled parts skip."""
+        pat = self.pattern
+        return (0, 1, 0) if pat is None else (pat.window, pat.dilation, pat.n_sinks)
+
+    def exclusion_flags(self) -> dict:
+        pattern = self.pattern is not None
+        causal = pattern and self.pattern.causal
+        seed_self = self.plan.only_past and not pattern  # else the pattern part has the diagonal
+        return dict(PATTERN=pattern, CAUSAL_WINDOW=causal, SEED_SELF=seed_self)
+
+    def leaf_start(self) -> torch.Tensor:
+        if self.plan is not None and self.plan.leaf_start is not None:
+            return self.plan.leaf_start
+        return torch.zeros(1, dtype=torch.int32, device=self.q.device)  # unused
 
     def strides(self, *tensors):
         return [s for t in tensors for s in t.stride()[:3]]
@@ -163,6 +210,9 @@ def _setup(q, k, v, is_causal: bool, scale: float | None, cfg: HyperConfig) -> _
     kv_heads, nk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
     tune = tuning_for(max(dim, v.shape[-1]), q.dtype)
+    pattern = _pattern_of(nq, nk, is_causal, cfg)
+    if not cfg.uses_lsh:
+        return _Call(q, k, v, scale, cfg, None, tune, pattern, None, None, None)
     plan = make_plan(
         nq, nk, is_causal, cfg, batch, kv_heads, q.device,
         tune.block_m, tune.block_n, _num_sms(q.device),
@@ -173,7 +223,9 @@ def _setup(q, k, v, is_causal: bool, scale: float | None, cfg: HyperConfig) -> _
     k_order, k_inverse = sort_levels(
         lsh_rank(k, planes, 1.0), plan.segments, r, inverse=True, n_segments=n_seg
     )
-    return _Call(q, k, v, scale, cfg, plan, tune, q_order, k_order, k_inverse)
+    if plan.leaf_start is not None and not plan.levels:
+        pattern = None  # one exact causal leaf: no part but the diagonal
+    return _Call(q, k, v, scale, cfg, plan, tune, pattern, q_order, k_order, k_inverse)
 
 
 def _samples(level) -> torch.Tensor:
@@ -200,13 +252,24 @@ def _forward(call: _Call):
     batch, q_heads, nq, _ = q.shape
     out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, q_heads, nq, dtype=torch.float32, device=q.device)
-    if plan.leaf_start is None:  # non-causal or flat causal: one fused launch
-        _approx_forward(call, 0, out, lse, merge=False)
+    if plan is None:  # pattern-only method: one launch
+        _pattern_forward(call, out, out, lse, merge=False)
+        return out, lse
+    if plan.leaf_start is None:  # non-causal or flat causal: one fused launch (+ the pattern)
+        if call.pattern is None:
+            _approx_forward(call, 0, out, lse, merge=False)
+            return out, lse
+        acc = torch.empty(out.shape, dtype=torch.float32, device=q.device)
+        _approx_forward(call, 0, acc, lse, merge=False)
+        _pattern_forward(call, acc, out, lse, merge=True)
         return out, lse
     acc = out
     if plan.levels:
         acc = torch.empty(out.shape, dtype=torch.float32, device=q.device)
-        lse.fill_(float("-inf"))
+        if call.pattern is None:
+            lse.fill_(float("-inf"))
+        else:  # the window/sinks of every off-diagonal sub-problem, in one launch
+            _pattern_forward(call, acc, acc, lse, merge=False)
         for level in range(len(plan.levels)):
             _approx_forward(call, level, acc, lse, merge=True)
     grid = (triton.cdiv(nq, call.tune.block_m), batch * q_heads)
@@ -232,11 +295,32 @@ def _approx_forward(call: _Call, index: int, out, lse, merge: bool) -> None:
         call.scale * LOG2E,
         *call.strides(q, k, v, out),
         batch, q_heads, k.shape[1], nq, k.shape[2], level.samples.shape[-1],
-        call.cfg.block_size,
+        call.cfg.block_size, *call.exclusion_args(),
         BLOCK_M=call.tune.block_m, BLOCK_N=call.tune.block_n, MERGE=merge,
         ONLY_PAST=call.plan.only_past, num_stages=call.tune.stages,
-        **call.shape_kwargs(call.tune.fwd_warps),
+        **call.exclusion_flags(), **call.shape_kwargs(call.tune.fwd_warps),
     )  # fmt: skip
+
+
+def _pattern_forward(call: _Call, acc, out, lse, merge: bool) -> None:
+    """Window + sinks; with ``merge`` it starts from ``acc`` (fp32) and ``lse`` and writes
+    the merged output to ``out``."""
+    q, k, v, pat, tune = call.q, call.k, call.v, call.pattern, call.tune
+    batch, q_heads, nq, _ = q.shape
+    classes, tiles = _classes(nq, pat.dilation, tune.block_m)
+    _pattern_fwd_kernel[(classes * tiles, batch * q_heads)](
+        q, k, v, acc, out, lse, call.leaf_start(),
+        call.scale * LOG2E,
+        *call.strides(q, k, v, out),
+        q_heads, nq, k.shape[2], pat.window, pat.dilation, pat.reach, pat.n_sinks, tiles,
+        BLOCK_M=tune.block_m, BLOCK_N=tune.block_n, CAUSAL=pat.causal, LIMIT=pat.limit,
+        MERGE=merge, num_stages=tune.stages, **call.shape_kwargs(tune.fwd_warps),
+    )  # fmt: skip
+
+
+def _classes(n: int, dilation: int, block: int) -> tuple[int, int]:
+    """(residue classes, tiles per class) of ``n`` positions in tiles of ``block``."""
+    return min(dilation, n), triton.cdiv(triton.cdiv(n, dilation), block)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -283,9 +367,11 @@ def hyper_attention_backward(
         out, grad_out, delta, *call.strides(out, grad_out), q_heads, nq,
         DV=dim_v, BLOCK_DV=triton.next_power_of_2(dim_v), BLOCK=64,
     )  # fmt: skip
-    diagonal = plan.leaf_start is not None
-    # dQ rows have one writer unless the diagonal leaves and the levels add up (recursive)
-    dq_dtype = torch.float32 if diagonal else q.dtype
+    diagonal = plan is not None and plan.leaf_start is not None
+    # launches before the pattern's wrote dQ/dK/dV: it adds to them
+    pattern_adds = plan is not None and call.pattern is not None
+    # dQ rows have one writer unless several launches add up (recursive, or with a pattern)
+    dq_dtype = torch.float32 if diagonal or pattern_adds else q.dtype
     dq = torch.empty(batch, q_heads, nq, dim, dtype=dq_dtype, device=q.device)
     dk = torch.empty(batch, kv_heads, nk, dim, dtype=torch.float32, device=q.device)
     dv = torch.empty(batch, kv_heads, nk, dim_v, dtype=torch.float32, device=q.device)
@@ -303,28 +389,69 @@ def hyper_attention_backward(
             BLOCK_M=tune.bwd_block_m, BLOCK_N=tune.block_n, **kw,
         )  # fmt: skip
 
-    for index, level in enumerate(plan.levels):
+    for index, level in enumerate(plan.levels if plan is not None else ()):
         q_ord, k_ord, k_inv = call.q_order[index], call.k_order[index], call.k_inverse[index]
         n_samples = level.samples.shape[-1]
         _approx_dq_kernel[(level.q_tiles.shape[0], batch * q_heads)](
             q, k, v, grad_out, lse, delta, dq, q_ord, k_ord, k_inv, _samples(level),
             level.subs, level.q_tiles, *common,
             batch, q_heads, kv_heads, nq, nk, n_samples, call.cfg.block_size,
+            *call.exclusion_args(),
             BLOCK_M=tune.block_m, BLOCK_N=tune.block_n, ACCUMULATE=diagonal,
-            ONLY_PAST=plan.only_past, **kw,
+            ONLY_PAST=plan.only_past, **call.exclusion_flags(), **kw,
         )  # fmt: skip
         _approx_dkdv_block_kernel[(level.k_tiles.shape[0], batch * kv_heads)](
             q, k, v, grad_out, lse, delta, dk, dv, q_ord, k_ord, level.subs, level.k_tiles,
-            *common, q_heads, kv_heads, nq, nk, call.cfg.block_size,
+            *common, q_heads, kv_heads, nq, nk, call.cfg.block_size, *call.exclusion_args(),
             BLOCK_M=tune.bwd_block_m, BLOCK_N=tune.block_n,
-            ACCUMULATE=diagonal, ONLY_PAST=plan.only_past, **kw,
+            ACCUMULATE=diagonal, ONLY_PAST=plan.only_past, **call.exclusion_flags(), **kw,
         )  # fmt: skip
         if level.s_tiles.shape[0]:
             _approx_dkdv_sample_kernel[(level.s_tiles.shape[0], batch * kv_heads)](
                 q, k, v, grad_out, lse, delta, dk, dv, q_ord, k_inv, level.samples,
                 level.subs, level.s_tiles, *common,
                 batch, q_heads, kv_heads, nq, nk, n_samples, call.cfg.block_size,
-                level.q_split,
-                BLOCK_M=tune.bwd_block_m, BLOCK_N=tune.block_n, ONLY_PAST=plan.only_past, **kw,
+                level.q_split, *call.exclusion_args(),
+                BLOCK_M=tune.bwd_block_m, BLOCK_N=tune.block_n, ONLY_PAST=plan.only_past,
+                PATTERN=call.pattern is not None, CAUSAL_WINDOW=is_causal, **kw,
             )  # fmt: skip
+    if call.pattern is not None:
+        _pattern_backward(call, common, kw, lse, delta, grad_out, dq, dk, dv,
+                          accumulate=diagonal or pattern_adds)  # fmt: skip
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _pattern_backward(call: _Call, common, kw, lse, delta, grad_out, dq, dk, dv, accumulate):
+    """dQ/dK/dV of window + sinks: added to what earlier launches wrote when ``accumulate``."""
+    q, k, v, pat, tune = call.q, call.k, call.v, call.pattern, call.tune
+    batch, q_heads, nq, _ = q.shape
+    kv_heads, nk = k.shape[1], k.shape[2]
+    leaf = call.leaf_start()
+    geometry = (pat.window, pat.dilation)
+    classes, tiles = _classes(nq, pat.dilation, tune.block_m)
+    _pattern_dq_kernel[(classes * tiles, batch * q_heads)](
+        q, k, v, grad_out, lse, delta, dq, leaf, *common,
+        q_heads, nq, nk, *geometry, pat.reach, pat.n_sinks, tiles,
+        BLOCK_M=tune.block_m, BLOCK_N=tune.block_n, CAUSAL=pat.causal, LIMIT=pat.limit,
+        ACCUMULATE=accumulate, **kw,
+    )  # fmt: skip
+    if pat.reach or not accumulate:  # (nothing to add without a window)
+        classes, tiles = _classes(nk, pat.dilation, tune.block_n)
+        _pattern_dkdv_kernel[(classes * tiles, batch * kv_heads)](
+            q, k, v, grad_out, lse, delta, dk, dv, leaf, *common,
+            q_heads, kv_heads, nq, nk, *geometry, pat.reach, tiles,
+            BLOCK_M=tune.bwd_block_m, BLOCK_N=tune.block_n, CAUSAL=pat.causal,
+            LIMIT=pat.limit, ACCUMULATE=accumulate, **kw,
+        )  # fmt: skip
+    if pat.n_sinks:
+        sink_tiles = triton.cdiv(pat.n_sinks, tune.block_n)
+        wanted = 4 * _num_sms(q.device) // (sink_tiles * batch * kv_heads)
+        splits = max(1, min(triton.cdiv(nq, tune.bwd_block_m), wanted))
+        q_split = triton.cdiv(triton.cdiv(nq, splits), tune.bwd_block_m) * tune.bwd_block_m
+        splits = triton.cdiv(nq, q_split)
+        _sinks_dkdv_kernel[(sink_tiles * splits, batch * kv_heads)](
+            q, k, v, grad_out, lse, delta, dk, dv, leaf, *common,
+            q_heads, kv_heads, nq, nk, *geometry, pat.n_sinks, splits, q_split,
+            BLOCK_M=tune.bwd_block_m, BLOCK_N=tune.block_n, CAUSAL=pat.causal,
+            LIMIT=pat.limit, **kw,
+        )  # fmt: skip

@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .approx import FLOOR, _load_rows
+from .common import FLOOR, _load_rows
 
 
 @triton.jit

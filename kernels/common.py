@@ -1,0 +1,51 @@
+"""Small Triton helpers shared by every kernel: row loads, one online-softmax step, the pattern.
+
+The pattern predicate is the reference's ``_in_pattern`` in position arithmetic: a key at distance
+``d = q_pos - k_pos`` is a pattern key when ``|d| < window`` (``0 <= d < window`` when the op is
+causal) and ``d % dilation == 0``; ``window == 0`` selects nothing.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# finite running max of empty rows: exp2(FLOOR - FLOOR) stays 1, never NaN
+FLOOR = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _load_rows(PTR, rows, stride_n, cols, n_cols, row_ok):
+    """Rows ``rows`` (int, [R]) of a [N, C] matrix at PTR: [R, BLOCK_C]."""
+    offs = rows[:, None].to(tl.int64) * stride_n + cols[None, :]
+    return tl.load(PTR + offs, mask=row_ok[:, None] & (cols < n_cols)[None, :], other=0.0)
+
+
+@triton.jit
+def _in_window(qpos, kpos, window, dilation, CAUSAL: tl.constexpr):
+    """[M, N] bool: is key ``kpos[n]`` in the (dilated) window of query ``qpos[m]``?"""
+    d = qpos[:, None] - kpos[None, :]
+    if CAUSAL:
+        near = (d >= 0) & (d < window)
+    else:
+        near = (d < window) & (d > -window)
+    return near & (d % dilation == 0)
+
+
+@triton.jit
+def _exact_elsewhere(qpos, kpos, window, dilation, sinks, CAUSAL: tl.constexpr):
+    """[M, N] bool: keys the pattern or the sinks part counts (the LSH/sampled parts skip them)."""
+    return _in_window(qpos, kpos, window, dilation, CAUSAL) | (kpos < sinks)[None, :]
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, scores, v, PRECISION: tl.constexpr):
+    """One online-softmax step over a tile of base-2 ``scores`` [M, N] (-inf = masked)."""
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, l_i, m_new
