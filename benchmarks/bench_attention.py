@@ -13,6 +13,7 @@ FLOPs of exact attention: 4 * B * Hq * Nq * Nk * D (halved when causal), forward
 
     python benchmarks/bench_attention.py --out $OUT/bench.json --png $OUT/speedup.png
     python benchmarks/bench_attention.py --plot-only bench.json --png docs/speedup.png  # + tables
+    python benchmarks/bench_attention.py --patterns --settings paper --out $OUT/patterns.json
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ SETTINGS = {
 }
 LENGTHS = [4096, 8192, 16384, 32768, 65536, 131072]
 REFERENCE_MAX_N = 8192
+# --patterns: the exact window/sinks parts (issue 7), alone and with HyperAttention
+PATTERN_IMPLS = {
+    "longformer_w1024_s16": dict(method="longformer", window=1024, sinks=16),
+    "hyper_w512_s16": dict(window=512, sinks=16),
+    "hyper_w512_s16_flat": dict(window=512, sinks=16, causal_algo="flat"),
+}
 
 
 def timed(fn, budget_ms: float = 300.0, max_iters: int = 50) -> float:
@@ -70,8 +77,10 @@ def peak_mb(fn, inputs) -> float:
     return (extra + sum(t.numel() * t.element_size() for t in inputs)) / 2**20
 
 
-def implementations(setting: dict, causal: bool):
-    """name -> (forward fn, forward+backward fn) over (q, k, v, grad)."""
+def implementations(setting: dict, causal: bool, patterns: bool = False):
+    """name -> (forward fn, forward+backward fn) over (q, k, v, grad).
+
+    With ``patterns``: SDPA and the ``PATTERN_IMPLS`` configs only."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -95,8 +104,8 @@ def implementations(setting: dict, causal: bool):
 
         return fwd, fwd_bwd
 
-    def hyper(algo):
-        cfg = HyperConfig(causal_algo=algo)
+    def hyper(algo, **params):
+        cfg = HyperConfig(causal_algo=algo).replace(**params)
 
         def fwd(q, k, v, g):
             return kernels.hyper_attention_forward(
@@ -117,6 +126,12 @@ def implementations(setting: dict, causal: bool):
     def reference_bwd(q, k, v, g):
         return torch.autograd.grad(reference(q, k, v, g), (q, k, v), g)
 
+    if patterns:
+        impls = {"sdpa": sdpa(None)}
+        for name, params in PATTERN_IMPLS.items():
+            if causal or params.get("causal_algo") != "flat":
+                impls[name] = hyper(**{"algo": "recursive", **params})
+        return impls
     impls = {
         "sdpa": sdpa(None),
         "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
@@ -128,18 +143,23 @@ def implementations(setting: dict, causal: bool):
     return impls
 
 
-def run(settings, lengths, masks, with_backward: bool) -> list[dict]:
+def run(settings, lengths, masks, with_backward: bool, patterns=False, save=None) -> list[dict]:
+    """All rows; ``save(rows)`` after each length (a run cut short keeps what it measured)."""
     import torch
 
     rows: list[dict] = []
     for name in settings:
         for n in lengths:
-            bench_length(name, n, masks, with_backward, rows)
+            bench_length(name, n, masks, with_backward, rows, patterns)
+            if save is not None:
+                save(rows)
             torch.cuda.empty_cache()
     return rows
 
 
-def bench_length(name: str, n: int, masks, with_backward: bool, rows: list[dict]) -> None:
+def bench_length(
+    name: str, n: int, masks, with_backward: bool, rows: list[dict], patterns: bool = False
+) -> None:
     import torch
 
     s = SETTINGS[name]
@@ -155,7 +175,7 @@ def bench_length(name: str, n: int, masks, with_backward: bool, rows: list[dict]
     for causal in masks:
         exact = None
         base = {}
-        for impl, (fwd, fwd_bwd) in implementations(s, causal).items():
+        for impl, (fwd, fwd_bwd) in implementations(s, causal, patterns).items():
             if impl == "reference" and n > REFERENCE_MAX_N:
                 continue
             passes = [("fwd", fwd)] + ([("fwd+bwd", fwd_bwd)] if with_backward else [])
@@ -191,11 +211,11 @@ def bench_length(name: str, n: int, masks, with_backward: bool, rows: list[dict]
 def format_row(r: dict) -> str:
     mask = "causal" if r["causal"] else "full"
     if "error" in r:
-        return f"{r['setting']:6} {r['n']:7} {mask:6} {r['pass']:8} {r['impl']:11} {r['error']}"
+        return f"{r['setting']:6} {r['n']:7} {mask:6} {r['pass']:8} {r['impl']:20} {r['error']}"
     speed = f"{r['speedup_vs_sdpa']:8.2f}x" if "speedup_vs_sdpa" in r else " " * 9
     err = f"{r['rel_err']:.3f}" if "rel_err" in r else "-"
     return (
-        f"{r['setting']:6} {r['n']:7} {mask:6} {r['pass']:8} {r['impl']:11} "
+        f"{r['setting']:6} {r['n']:7} {mask:6} {r['pass']:8} {r['impl']:20} "
         f"{r['ms']:10.3f} ms {speed} {r['peak_mb']:9.0f} MB  rel_err {err}"
     )
 
@@ -263,6 +283,8 @@ def profile(setting: str, n: int) -> None:
 def markdown(rows: list[dict]) -> str:
     """The results as markdown tables, one per setting (ms, speedup vs SDPA, peak MB)."""
     impls = ("sdpa", "sdpa_flash", "hyper", "hyper_flat", "reference")
+    if any(r["impl"] in PATTERN_IMPLS for r in rows):
+        return markdown_patterns(rows)
     by_key: dict = {}
     for r in rows:
         key = (r["setting"], r["n"], r["causal"], r["pass"])
@@ -307,6 +329,32 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_patterns(rows: list[dict]) -> str:
+    """--patterns results: ms (speedup vs SDPA) per config, one row per (setting, n, mask, pass)."""
+    impls = ["sdpa", *PATTERN_IMPLS]
+    by_key: dict = {}
+    for r in rows:
+        by_key.setdefault((r["setting"], r["n"], r["causal"], r["pass"]), {})[r["impl"]] = r
+    lines = [
+        "| setting | n | mask | pass | " + " | ".join(impls) + " |",
+        "|---" * (len(impls) + 4) + "|",
+    ]
+    for (setting, n, causal, kind), cell in by_key.items():
+
+        def fmt(impl, cell=cell):
+            r = cell.get(impl)
+            if r is None or "ms" not in r:
+                return "-" if r is None else "error"
+            speed = f" ({r['speedup_vs_sdpa']:.2f}x)" if impl != "sdpa" else ""
+            return f"{r['ms']:.2f}{speed}"
+
+        mask = "causal" if causal else "none"
+        lines.append(
+            f"| {setting} | {n} | {mask} | {kind} | " + " | ".join(fmt(i) for i in impls) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
@@ -319,6 +367,9 @@ def main() -> int:
         "--plot-only", default=None, help="from this JSON: draw --png, print markdown tables"
     )
     parser.add_argument("--profile", type=int, default=0, help="profile the kernels at this n")
+    parser.add_argument(
+        "--patterns", action="store_true", help="time the window/sinks configs (PATTERN_IMPLS)"
+    )
     args = parser.parse_args()
     if args.profile:
         profile(args.settings[0], args.profile)
@@ -342,10 +393,16 @@ def main() -> int:
     }
     print(json.dumps(meta), flush=True)
     masks = [m == "causal" for m in args.masks]
-    rows = run(args.settings, args.lengths, masks, not args.no_backward)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+    def save(rows):
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+    rows = run(args.settings, args.lengths, masks, not args.no_backward, args.patterns, save)
+    save(rows)
+    if args.patterns:
+        print(markdown(rows), flush=True)
     if args.png:
         try:
             plot(rows, args.png)

@@ -10,6 +10,7 @@ allocator, so a row the kernels fail to write shows up as NaN.
 
     python benchmarks/gpu_check.py --out $OUT/gpu_check.json            # all cases
     python benchmarks/gpu_check.py --quick                              # one small case/mode
+    python benchmarks/gpu_check.py --patterns --out $OUT/patterns.json  # window/sinks (issue 7)
     compute-sanitizer --tool memcheck python benchmarks/gpu_check.py --quick --no-reference
 """
 
@@ -76,9 +77,11 @@ def compare(name: str, kern: torch.Tensor, low: torch.Tensor, oracle: torch.Tens
     }
 
 
-def run_case(batch, q_heads, kv_heads, n, dim, mode, dtype, grads, reference=True) -> dict:
+def run_case(
+    batch, q_heads, kv_heads, n, dim, mode, dtype, grads, params=None, reference=True
+) -> dict:
     is_causal, algo = MODES[mode]
-    cfg = HyperConfig(causal_algo=algo)
+    cfg = HyperConfig(causal_algo=algo).replace(**(params or {}))
     gen = torch.Generator(device="cuda").manual_seed(n + dim)
     shape_q, shape_kv = (batch, q_heads, n, dim), (batch, kv_heads, n, dim)
     q = torch.randn(shape_q, device="cuda", generator=gen).to(dtype)
@@ -87,7 +90,7 @@ def run_case(batch, q_heads, kv_heads, n, dim, mode, dtype, grads, reference=Tru
     g = torch.randn(shape_q, device="cuda", generator=gen).to(dtype)
     case = {
         "B": batch, "Hq": q_heads, "Hkv": kv_heads, "n": n, "D": dim, "mode": mode,
-        "dtype": str(dtype).replace("torch.", ""), "grads": grads,
+        "dtype": str(dtype).replace("torch.", ""), "grads": grads, "params": params or {},
     }  # fmt: skip
     reason = kernels.unsupported_reason(q, k, v, is_causal, cfg)
     if reason is not None:
@@ -145,6 +148,29 @@ def op_case() -> dict:
     return {"case": "op routes to kernels (causal, n=8195)", "equal": same, "ok": all(same)}
 
 
+LONGFORMER = dict(method="longformer", window=1024, sinks=16)
+HYPER_PATTERN = dict(window=512, sinks=16)
+
+
+def pattern_cases(quick: bool):
+    """Window/dilation/sinks (issue 7): each method, hyper + pattern in every mode, GQA, both
+    head dims, odd lengths; forward-only at 64k/131k (the fp64 reference's memory)."""
+    yield (2, 6, 2, 4096 + 5, 64, "recursive", torch.bfloat16, True, LONGFORMER)
+    yield (1, 4, 4, 4096 + 1, 64, "noncausal", torch.bfloat16, True, dict(HYPER_PATTERN))
+    if quick:
+        return
+    yield (1, 8, 2, 16384, 128, "noncausal", torch.bfloat16, True, dict(method="local", window=512))
+    yield (1, 8, 8, 8192 + 3, 64, "recursive", torch.float16, True,
+           dict(method="dilated", window=2048, dilation=4))  # fmt: skip
+    yield (1, 12, 12, 16384 + 7, 64, "flat", torch.bfloat16, True, HYPER_PATTERN)
+    yield (1, 8, 2, 32768, 128, "recursive", torch.bfloat16, True, HYPER_PATTERN)
+    yield (1, 12, 12, 32768 + 1, 64, "noncausal", torch.bfloat16, True,
+           dict(window=300, dilation=3, sinks=40))  # fmt: skip
+    yield (1, 8, 8, 8192, 64, "recursive", torch.float32, True, dict(window=100, sinks=5000))
+    yield (1, 4, 2, 65536, 64, "recursive", torch.bfloat16, False, HYPER_PATTERN)
+    yield (1, 4, 2, 131072, 64, "recursive", torch.bfloat16, False, LONGFORMER)
+
+
 def cases(quick: bool):
     if quick:  # one small size per kernel: non-power-of-two, GQA, both head dims
         for mode in MODES:
@@ -164,6 +190,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-reference", action="store_true", help="kernels only (sanitizer)")
     parser.add_argument("--out", default=None, help="JSON file to write")
+    parser.add_argument("--patterns", action="store_true", help="the window/sinks cases only")
     args = parser.parse_args()
     report = {
         "device": torch.cuda.get_device_name(),
@@ -171,7 +198,7 @@ def main() -> int:
         "triton": __import__("triton").__version__,
         "cases": [],
     }
-    for spec in cases(args.quick):
+    for spec in (pattern_cases if args.patterns else cases)(args.quick):
         try:
             res = run_case(*spec, reference=not args.no_reference)
         except Exception as err:  # record and go on: one failure must not hide the others
@@ -180,7 +207,7 @@ def main() -> int:
         report["cases"].append(res)
         print(json.dumps(res), flush=True)
         torch.cuda.empty_cache()
-    if not args.no_reference and not args.quick:
+    if not args.no_reference and not args.quick and not args.patterns:
         try:
             report["cases"].append(op_case())
         except Exception as err:
