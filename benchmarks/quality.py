@@ -65,7 +65,7 @@ def load_model(directory: Path, device: str):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        str(directory), gguf_file=GGUF_NAME, torch_dtype=torch.float32, attn_implementation="sdpa"
+        str(directory), gguf_file=GGUF_NAME, dtype=torch.float32, attn_implementation="sdpa"
     )
     return model.to(device).eval()
 
@@ -294,8 +294,14 @@ def prepare(args) -> None:
         if len(ids) < args.n_tokens:
             raise ValueError(f"text {name!r} has {len(ids)} tokens < {args.n_tokens}")
         texts[name] = torch.tensor(ids[: args.n_tokens], dtype=torch.long)
+    haystack = None
+    if args.haystack == "prose":  # real text as the haystack; starts past the perplexity tokens
+        haystack = tokenizer.encode(quality_texts.prose_text(), add_special_tokens=False)
+        haystack = haystack[args.n_tokens :]
     passkeys = [
-        quality_texts.passkey_prompt(tokenizer, depth, args.n_tokens, seed=args.seed + i)
+        quality_texts.passkey_prompt(
+            tokenizer, depth, args.n_tokens, seed=args.seed + i, haystack=haystack
+        )
         for i, depth in enumerate(args.depths)
     ]
     payload = {
@@ -542,6 +548,7 @@ def main(argv=None) -> None:
     parser.add_argument("--n-tokens", type=int, default=N_TOKENS)
     parser.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=DEPTHS)
     parser.add_argument("--seed", type=int, default=0, help="first passkey's seed (prepare)")
+    parser.add_argument("--haystack", choices=("filler", "prose"), default="filler")
     parser.add_argument("--kernel-level", action="store_true")
     parser.add_argument("--asset", default=None)
     parser.add_argument("--redo", action="store_true")

@@ -67,6 +67,10 @@ BASE.update(
             "share_gqa": True,
         },
         "sel_w1024_s0_k8_mean": {**_SEL, "sinks": 0, "agg": "mean"},
+        "sel_w1024_k16_mean_gqa": {**_SEL, "topk": 16, "agg": "mean", "share_gqa": True},
+        "sel_w512_k16_q16": {**_SEL, "window": 512, "topk": 16, "qblock": 16},
+        "sel_w512_k16_q1": {**_SEL, "window": 512, "topk": 16, "qblock": 1},
+        "sel_w1024_k8_q1": {**_SEL, "qblock": 1},
     }
 )
 

@@ -82,16 +82,25 @@ class Passkey:
     key: str
 
 
-def passkey_prompt(tokenizer, depth: float, n_tokens: int, seed: int) -> Passkey:
+def passkey_prompt(
+    tokenizer, depth: float, n_tokens: int, seed: int, haystack: list[int] | None = None
+) -> Passkey:
     """A prompt of at most ``n_tokens`` tokens with a random 5-digit key at ``depth`` of the filler.
 
-    The filler sentence repeats; the key sentence sits after ``round(depth * repeats)`` of them.
+    The filler sentence repeats and the key sentence sits after ``round(depth * repeats)`` of
+    them; or, given ``haystack`` token ids (real text), the key sits at that share of its tokens.
     """
     key = str(random.Random(seed).randrange(10000, 100000))
     encode = lambda s: tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
     needle = encode(f"The pass key is {key}. Remember it. {key} is the pass key. ")
     answer = encode(f" {key}")
     head, filler, tail = encode(_INTRO), encode(_FILLER), encode(_QUESTION)
+    if haystack is not None:
+        room = n_tokens - len(head) - len(needle) - len(tail) - len(answer)
+        before = round(depth * room)
+        hay = list(haystack[:room])
+        ids = head + hay[:before] + needle + hay[before:] + tail + answer
+        return Passkey(ids=ids, answer_len=len(encode(key)), depth=depth, key=key)
     repeats = (n_tokens - len(head) - len(needle) - len(tail) - len(answer)) // len(filler)
     before = round(depth * repeats)
     ids = head + filler * before + needle + filler * (repeats - before) + tail + answer
