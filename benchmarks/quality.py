@@ -478,6 +478,7 @@ def report(args) -> None:
 _LABELLED = (
     "local1024_s16", "local2048_s16", "rec2048_w1024_s16", "flat_w1024_s16_b256", "hyper_rec2048",
     "hyper_rec4096", "sel_w1024_k8_mean_gqa", "sel_w1024_k16", "sel_w512_k8_mean",
+    "sel_w512_k16_q16",
 )  # fmt: skip
 _CAP = 20.0  # % above exact: rows beyond are drawn at the cap, marked with their value
 
