@@ -7,6 +7,8 @@ Imports only torch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _MIX = 0x9E3779B1  # golden-ratio constant: spreads nearby seeds/tags over the 63-bit seed space
@@ -56,3 +58,14 @@ def sample_indices(seed: int, tag: int, shape: tuple[int, ...], high: int, devic
 def subproblem_tag(q_offset: int, k_offset: int) -> int:
     """A distinct sampling stream per (query range, key range) of the causal recursion."""
     return (q_offset * _MIX) ^ (k_offset + 1)
+
+
+def lsh_block_shape(nq: int, nk: int, block_size: int) -> tuple[int, int, int]:
+    """(queries per block, number of query blocks, number of key blocks).
+
+    Key blocks hold ``block_size`` sorted keys; query blocks hold ``block_size * nq / nk`` sorted
+    queries (rounded up), so the j-th query block and the j-th key block cover the same quantiles
+    of the two sorted orders. Query block j attends to key block ``min(j, key_blocks - 1)``.
+    """
+    q_per_block = max(1, math.ceil(block_size * nq / nk))
+    return q_per_block, math.ceil(nq / q_per_block), math.ceil(nk / block_size)

@@ -33,6 +33,8 @@ from torch import Tensor
 
 from hyperpass import lsh
 from hyperpass.config import DEFAULT, HyperConfig
+from hyperpass.lsh import lsh_block_shape
+from hyperpass.softmax_parts import attend, gather_rows, merge, pad_index, pad_rows
 
 _QUERY_CHUNK = 1024  # queries per step of exact attention: bounds the score matrix's memory
 _PATTERN_CHUNK = 128  # queries per step of the windowed pattern part
@@ -63,39 +65,6 @@ class _Call:
 
 
 # ----------------------------------------------------------------------------- small pieces
-def _attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, log_weight: float = 0.0):
-    """Softmax attention of q [..., M, D] over k [..., S, D] restricted to ``keep`` [..., M, S].
-
-    Returns (out [..., M, Dv] normalized, lse [..., M]); rows with no key get out 0, lse -inf,
-    with finite gradients. ``log_weight`` is added to the lse (the n/m weight of samples).
-    """
-    scores = q @ k.transpose(-1, -2)
-    if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf"))
-    row_max = scores.amax(-1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    probs = torch.exp(scores - row_max)
-    total = probs.sum(-1)
-    nonempty = total > 0
-    safe_total = torch.where(nonempty, total, torch.ones_like(total))
-    out = (probs @ v) / safe_total.unsqueeze(-1)
-    lse = torch.where(
-        nonempty, row_max.squeeze(-1) + torch.log(safe_total) + log_weight, float("-inf")
-    )
-    return out, lse
-
-
-def merge(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Log-sum-exp merge of partial (out, lse) pairs over disjoint key sets."""
-    if len(parts) == 1:
-        return parts[0]
-    lses = torch.stack([lse for _, lse in parts])
-    lse = torch.logsumexp(lses, dim=0)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    out = sum(torch.exp(part_lse - safe).unsqueeze(-1) * o for o, part_lse in parts)
-    return out, lse
-
-
 def _in_pattern(d: Tensor, cfg: HyperConfig, op_causal: bool, window: int) -> Tensor:
     """Is a key at distance d = q_pos - k_pos in the window/dilated pattern?"""
     if window == 0:
@@ -135,7 +104,7 @@ def _pattern_part(call: _Call):
     key_idx = key_idx.clamp(0, nk - 1)
     q_idx = starts.unsqueeze(-1) + torch.arange(c, device=dev)  # [nc, c]
     q_ok = q_idx < nq
-    q = _pad_rows(call.q, n_chunks * c).unflatten(-2, (n_chunks, c))  # [B,Hkv,G,nc,c,D]
+    q = pad_rows(call.q, n_chunks * c).unflatten(-2, (n_chunks, c))  # [B,Hkv,G,nc,c,D]
     k = call.k[:, :, key_idx.flatten()].unflatten(2, (n_chunks, span)).unsqueeze(2)
     v = call.v[:, :, key_idx.flatten()].unflatten(2, (n_chunks, span)).unsqueeze(2)
     d = (q_idx + delta).unsqueeze(-1) - key_idx.unsqueeze(-2)  # [nc, c, span]
@@ -144,7 +113,7 @@ def _pattern_part(call: _Call):
     )
     if call.only_past:
         keep &= d >= 0
-    out, lse = _attend(q, k, v, keep)
+    out, lse = attend(q, k, v, keep)
     return out.flatten(-3, -2)[..., :nq, :], lse.flatten(-2)[..., :nq]
 
 
@@ -160,7 +129,7 @@ def _sinks_part(call: _Call):
         keep &= d >= 0
     k = call.k[:, :, :n_sinks].unsqueeze(2)
     v = call.v[:, :, :n_sinks].unsqueeze(2)
-    return _attend(call.q, k, v, keep)
+    return attend(call.q, k, v, keep)
 
 
 @dataclass
@@ -171,17 +140,6 @@ class _Blocks:
     k_block: Tensor  # [B, Hkv, nk] block of each key
 
 
-def lsh_block_shape(nq: int, nk: int, block_size: int) -> tuple[int, int, int]:
-    """(queries per block, number of query blocks, number of key blocks).
-
-    Key blocks hold ``block_size`` sorted keys; query blocks hold ``block_size * nq / nk`` sorted
-    queries (rounded up), so the j-th query block and the j-th key block cover the same quantiles
-    of the two sorted orders. Query block j attends to key block ``min(j, key_blocks - 1)``.
-    """
-    q_per_block = max(1, math.ceil(block_size * nq / nk))
-    return q_per_block, math.ceil(nq / q_per_block), math.ceil(nk / block_size)
-
-
 def _lsh_part(call: _Call):
     """Exact attention between each block of sorted queries and its block of sorted keys."""
     bs = call.cfg.block_size
@@ -190,20 +148,20 @@ def _lsh_part(call: _Call):
     q_order = lsh.sort_by_rank(call.q_ranks)  # [B,Hkv,G,nq]
     k_order = lsh.sort_by_rank(call.k_ranks)  # [B,Hkv,nk]
 
-    q_slots = _pad_index(q_order, n_qblocks * qpb)  # [B,Hkv,G,nqb*qpb]
-    k_slots = _pad_index(k_order, n_kblocks * bs).unflatten(-1, (n_kblocks, bs))
+    q_slots = pad_index(q_order, n_qblocks * qpb)  # [B,Hkv,G,nqb*qpb]
+    k_slots = pad_index(k_order, n_kblocks * bs).unflatten(-1, (n_kblocks, bs))
     k_valid = (torch.arange(n_kblocks * bs, device=dev) < call.nk).view(n_kblocks, bs)
     paired = torch.arange(n_qblocks, device=dev).clamp(max=n_kblocks - 1)
     k_slots, k_valid = k_slots[:, :, paired], k_valid[paired]  # [B,Hkv,nqb,bs], [nqb,bs]
 
-    q = _gather_rows(call.q, q_slots).unflatten(-2, (n_qblocks, qpb))  # [B,Hkv,G,nqb,qpb,D]
-    k = _gather_rows(call.k, k_slots.flatten(-2)).unflatten(-2, (n_qblocks, bs)).unsqueeze(2)
-    v = _gather_rows(call.v, k_slots.flatten(-2)).unflatten(-2, (n_qblocks, bs)).unsqueeze(2)
+    q = gather_rows(call.q, q_slots).unflatten(-2, (n_qblocks, qpb))  # [B,Hkv,G,nqb,qpb,D]
+    k = gather_rows(call.k, k_slots.flatten(-2)).unflatten(-2, (n_qblocks, bs)).unsqueeze(2)
+    v = gather_rows(call.v, k_slots.flatten(-2)).unflatten(-2, (n_qblocks, bs)).unsqueeze(2)
 
     q_pos = (call.q_offset + q_slots).unflatten(-1, (n_qblocks, qpb)).unsqueeze(-1)
     k_pos = (call.k_offset + k_slots).unsqueeze(2).unsqueeze(-2)
     keep = k_valid.unsqueeze(-2) & ~_excluded_by_pattern_and_sinks(call, q_pos, k_pos)
-    out, lse = _attend(q, k, v, keep)
+    out, lse = attend(q, k, v, keep)
 
     # back to original query order (padding rows dropped first)
     out = out.flatten(-3, -2)[..., : call.nq, :]
@@ -227,15 +185,15 @@ def _sampled_part(call: _Call, blocks: _Blocks | None):
     # one sample set per batch row, shared by all heads: GQA then equals repeated KV heads
     idx = lsh.sample_indices(cfg.seed, tag, (batch, 1, cfg.sample_size), call.nk, call.q.device)
     idx = idx.expand(batch, kv_heads, cfg.sample_size)
-    k = _gather_rows(call.k, idx).unsqueeze(2)
-    v = _gather_rows(call.v, idx).unsqueeze(2)
+    k = gather_rows(call.k, idx).unsqueeze(2)
+    v = gather_rows(call.v, idx).unsqueeze(2)
     q_pos = call.q_offset + torch.arange(call.nq, device=call.q.device).unsqueeze(-1)
     k_pos = (call.k_offset + idx).unsqueeze(2).unsqueeze(-2)  # [B,Hkv,1,1,m]
     drop = _excluded_by_pattern_and_sinks(call, q_pos, k_pos)
     if blocks is not None:
         sample_block = blocks.k_block.gather(-1, idx).unsqueeze(2).unsqueeze(-2)
         drop = drop | (blocks.q_block.unsqueeze(-1) == sample_block)
-    return _attend(call.q, k, v, ~drop, log_weight=math.log(call.nk / cfg.sample_size))
+    return attend(call.q, k, v, ~drop, log_weight=math.log(call.nk / cfg.sample_size))
 
 
 def _approximate(call: _Call):
@@ -272,7 +230,7 @@ def exact_attention(
         if causal:
             q_pos = q_offset + start + torch.arange(q_chunk.shape[-2], device=q.device)
             keep = k_pos <= q_pos.unsqueeze(-1)
-        out, lse = _attend(q_chunk, k, v, keep)
+        out, lse = attend(q_chunk, k, v, keep)
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, -2), torch.cat(lses, -1)
@@ -366,17 +324,3 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> None:
         )
     if is_causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal needs Nq == Nk, got Nq={q.shape[2]}, Nk={k.shape[2]}")
-
-
-# ----------------------------------------------------------------------------- tensor helpers
-def _pad_rows(x: Tensor, rows: int) -> Tensor:
-    return torch.nn.functional.pad(x, (0, 0, 0, rows - x.shape[-2]))
-
-
-def _pad_index(idx: Tensor, length: int) -> Tensor:
-    return torch.nn.functional.pad(idx, (0, length - idx.shape[-1]))
-
-
-def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
-    """x [..., N, D] indexed along N by idx [..., M] (same leading dims)."""
-    return x.gather(-2, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))

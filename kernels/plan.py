@@ -23,7 +23,7 @@ import torch
 
 from hyperpass import lsh
 from hyperpass.config import HyperConfig
-from hyperpass.reference import lsh_block_shape
+from hyperpass.lsh import lsh_block_shape
 
 # columns of a sub-problem row in Level.subs
 SUB_FIELDS = ("q_off", "nq", "k_off", "nk", "q_per_block", "q_blocks", "k_blocks", "unused")

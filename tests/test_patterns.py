@@ -20,7 +20,8 @@ import torch
 
 from hyperpass import lsh
 from hyperpass.config import DEFAULT, HyperConfig
-from hyperpass.reference import exact_attention, hyper_attention_reference, lsh_block_shape
+from hyperpass.lsh import lsh_block_shape
+from hyperpass.reference import exact_attention, hyper_attention_reference
 
 ASSET = Path(__file__).parent / "assets" / "smollm2_qkv.pt"
 
