@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-METHODS = ("hyper", "local", "dilated", "longformer")
+METHODS = ("hyper", "local", "dilated", "longformer", "select")
 CAUSAL_ALGOS = ("recursive", "flat")
 
 
@@ -43,6 +43,9 @@ class HyperConfig:
     window: int = _param(0, 0, 2**31 - 1, "keys within this distance are exact (0: no window)")
     dilation: int = _param(1, 1, 65536, "pattern keys are every dilation-th within the window")
     sinks: int = _param(0, 0, 65536, "the first sinks keys are exact for every query")
+    select_topk: int = _param(16, 1, 4096, "method='select': key blocks picked per query block")
+    select_block: int = _param(64, 16, 4096, "method='select': keys per selectable block")
+    query_block: int = _param(16, 16, 4096, "method='select': queries sharing one selection")
     causal_algo: str = _param(
         "recursive",
         None,
@@ -60,6 +63,22 @@ class HyperConfig:
             raise ValueError(f"method={self.method!r} needs window > 0, got window=0")
         if self.method == "longformer" and self.sinks == 0:
             raise ValueError("method='longformer' needs sinks > 0 (the global tokens), got sinks=0")
+        if self.method == "select":
+            if self.select_block % 16 or self.query_block % 16:
+                raise ValueError(
+                    "select_block and query_block must be multiples of 16, got "
+                    f"{self.select_block} and {self.query_block}"
+                )
+            if self.select_block % self.query_block:
+                raise ValueError(
+                    f"query_block ({self.query_block}) must divide select_block "
+                    f"({self.select_block})"
+                )
+            if self.window < self.query_block:
+                raise ValueError(
+                    f"method='select' needs window >= query_block ({self.query_block}), "
+                    f"got window={self.window}"
+                )
         if self.method == "dilated" and self.dilation < 2:
             raise ValueError(f"method='dilated' needs dilation >= 2, got dilation={self.dilation}")
 
@@ -69,7 +88,7 @@ class HyperConfig:
 
     @property
     def uses_samples(self) -> bool:
-        return self.method == "hyper" and self.sample_size > 0
+        return self.method in ("hyper", "select") and self.sample_size > 0
 
     def replace(self, **changes) -> HyperConfig:
         unknown = set(changes) - set(field_names())

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from hyperpass import lsh
+from hyperpass.block_select import select_attention
 from hyperpass.config import DEFAULT, HyperConfig
 from hyperpass.lsh import lsh_block_shape
 from hyperpass.softmax_parts import attend, gather_rows, merge, pad_index, pad_rows
@@ -299,6 +300,11 @@ def hyper_attention_reference(
     if config.uses_lsh:
         planes = lsh.hyperplanes(dim, config.lsh_num_projs, config.seed, q.device)
         q_ranks, k_ranks = lsh.lsh_ranks(qg, planes), lsh.lsh_ranks(k_acc, planes)
+
+    if config.method == "select":
+        out, lse = select_attention(qg, k_acc, v_acc, config, is_causal)
+        out = out.reshape(batch, q_heads, nq, v.shape[-1]).to(q.dtype)
+        return out, lse.reshape(batch, q_heads, nq).float()
 
     call = _Call(qg, k_acc, v_acc, 0, 0, is_causal, False, q_ranks, k_ranks, config)
     if is_causal and config.uses_lsh and config.causal_algo == "recursive":

@@ -105,6 +105,8 @@ def unsupported_reason(q, k, v, is_causal: bool, cfg: HyperConfig) -> str | None
         return "sequence too long for int32 positions"
     if is_causal and q.shape[2] != k.shape[2]:
         return "causal needs Nq == Nk"
+    if cfg.method == "select":
+        return "method='select' has no kernel yet (the reference computes it)"
     return None
 
 
