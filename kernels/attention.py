@@ -9,6 +9,8 @@ Same semantics as :func:`hyperpass.reference.hyper_attention_reference` (the ora
    launch of the exact diagonal leaves that merges everything and writes the output;
 3. backward: recompute (out, lse), then dQ/dK/dV with the merged lse: per level three launches
    (dQ, dK/dV of the blocks, dK/dV of the samples), plus two for the diagonal leaves.
+4. window/dilation/sinks (``pattern.py``): one more launch merges the exact pattern part (and
+   two or three in the backward); the pattern-only methods run only that launch, unhashed.
 """
 
 from __future__ import annotations
