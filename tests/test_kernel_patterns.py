@@ -111,7 +111,22 @@ def test_rows_with_no_key_are_empty():
     assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
 
 
-def test_huge_window_and_dilation_clamped():
-    """A window and a dilation far beyond the sequence: the pattern is the query itself."""
-    cfg = SMALL.replace(method="dilated", window=2**31 - 1, dilation=65536)
+def test_window_and_dilation_beyond_the_sequence():
+    """A window and a dilation far beyond the sequence (clamped on the host): the pattern is
+    the query itself. (The reference materializes the window's span: keep it moderate.)"""
+    cfg = SMALL.replace(method="dilated", window=1000, dilation=65536)
     _check(*_inputs(1, 1, 1, 20, 20, 64, torch.float32), is_causal=True, cfg=cfg)
+
+
+def test_huge_window_served_without_overflow():
+    """window = 2**31 - 1 (the config's maximum): int32 tile bounds stay valid; non-causal local
+    with it is full attention."""
+    cfg = SMALL.replace(method="local", window=2**31 - 1)
+    q, k, v, _ = _inputs(1, 2, 1, 20, 33, 64, torch.float32)
+    out, lse = kernels.hyper_attention_forward(q, k, v, is_causal=False, scale=None, config=cfg)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double().expand(1, 2, 33, 64), v.double().expand(1, 2, 33, 64)
+    )
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+    scores = q.double() @ k.double().transpose(-1, -2) / 8.0
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1), rtol=0, atol=1e-5)
