@@ -91,7 +91,8 @@ def _excluded_by_pattern_and_sinks(call: _Call, q_pos: Tensor, k_pos: Tensor) ->
 # ----------------------------------------------------------------------------- the four parts
 def _pattern_part(call: _Call):
     """Window/dilated pattern, exact: query chunks against the contiguous key span they reach."""
-    window = _effective_window(call)
+    # keys farther than any query-key distance of this call change nothing: bound the span
+    window = min(_effective_window(call), call.nq + call.nk + abs(call.q_offset - call.k_offset))
     dev = call.q.device
     nq, nk, c = call.nq, call.nk, _PATTERN_CHUNK
     n_chunks = math.ceil(nq / c)
