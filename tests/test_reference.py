@@ -196,3 +196,11 @@ def test_lsh_sorts_similar_vectors_together():
     x = torch.cat([base, base + 1e-3 * torch.randn(16, 32, generator=gen)])
     ranks = lsh.lsh_ranks(x, lsh.hyperplanes(32, 7, 0, "cpu"))
     assert torch.equal(ranks[:16], ranks[16:])
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_the_largest_window_is_exact_attention_without_allocating_it(is_causal):
+    q, k, v = qkv(1, 2, 2, 50, 50, 16)
+    cfg = HyperConfig(method="local", window=2**31 - 1)
+    out, _ = hyper_attention_reference(q, k, v, is_causal=is_causal, config=cfg)
+    torch.testing.assert_close(out, sdpa(q, k, v, is_causal=is_causal), **FP32)
