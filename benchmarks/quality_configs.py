@@ -39,6 +39,12 @@ BASE: dict[str, dict | None] = {
     "rec1024_w1024_s16": {"min_seq_len": 1024, "window": 1024, "sinks": 16, "sample_size": 0},
 }  # fmt: skip
 
+# the op's method="select" (hyperpass/block_select.py), folded in from the prototype below
+_SELECT = {"method": "select", "window": 512, "sinks": 16, "select_topk": 16, "select_block": 64,
+           "query_block": 16, "sample_size": 0}
+BASE["select_w512_k16_q16"] = _SELECT
+BASE["select_w1024_k8_q16"] = {**_SELECT, "window": 1024, "select_topk": 8}
+
 # prototype (benchmarks/quality_proto.py): exact blocks picked by a score bound
 _SEL = {"proto": "blocksel", "window": 1024, "sinks": 16, "block": 64, "qblock": 64, "topk": 8}
 BASE.update(

@@ -127,20 +127,25 @@ def _select_blocks(q: Tensor, k: Tensor, spans: _LocalSpans, cfg: HyperConfig):
 
 def _selected_part(q, k, v, spans: _LocalSpans, cfg: HyperConfig, blocks: Tensor):
     """Exact attention of each query block over the keys of its selected blocks, minus sinks."""
-    kb = spans.kb
-    key_idx = (blocks.unsqueeze(-1) * kb + torch.arange(kb, device=q.device)).flatten(-2)
-    keep = (blocks.unsqueeze(-1) >= 0).expand(*blocks.shape, kb).flatten(-2)
-    keep = keep & (key_idx < spans.nk) & (key_idx >= cfg.sinks)  # [B,Hkv,G,nqb,topk*kb]
-    key_idx = key_idx.clamp(0, spans.nk - 1)
-    lead = key_idx.shape[:3]
-    flat_idx = key_idx.flatten(-2)
-    k_sel = gather_rows(k.unsqueeze(2).expand(*lead, *k.shape[-2:]), flat_idx)
-    v_sel = gather_rows(v.unsqueeze(2).expand(*lead, *v.shape[-2:]), flat_idx)
-    k_sel = k_sel.unflatten(-2, key_idx.shape[-2:])  # [B,Hkv,G,nqb,S,D]
-    v_sel = v_sel.unflatten(-2, key_idx.shape[-2:])
     q_blocks = pad_rows(q, spans.n_qblocks * spans.qb).unflatten(-2, (spans.n_qblocks, spans.qb))
-    out, lse = attend(q_blocks, k_sel, v_sel, keep.unsqueeze(-2))
-    return out.flatten(-3, -2)[..., : spans.nq, :], lse.flatten(-2)[..., : spans.nq]
+    step = max(1, _QUERY_CHUNK // spans.qb)  # query blocks per step: bounds the gathered K/V
+    outs, lses = [], []
+    for start in range(0, spans.n_qblocks, step):
+        chunk = blocks[..., start : start + step, :]  # [B,Hkv,G,c,topk]
+        key_idx = chunk.unsqueeze(-1) * spans.kb + torch.arange(spans.kb, device=q.device)
+        key_idx = key_idx.flatten(-2)  # [B,Hkv,G,c,topk*kb]
+        keep = (chunk.unsqueeze(-1) >= 0).expand(*chunk.shape, spans.kb).flatten(-2)
+        keep = keep & (key_idx < spans.nk) & (key_idx >= cfg.sinks)
+        key_idx = key_idx.clamp(0, spans.nk - 1)
+        flat_idx = key_idx.flatten(2)  # one gather per KV head for all its query heads
+        k_sel = gather_rows(k, flat_idx).view(*key_idx.shape, k.shape[-1])
+        v_sel = gather_rows(v, flat_idx).view(*key_idx.shape, v.shape[-1])
+        out, lse = attend(
+            q_blocks[..., start : start + step, :, :], k_sel, v_sel, keep.unsqueeze(-2)
+        )
+        outs.append(out.flatten(-3, -2))
+        lses.append(lse.flatten(-2))
+    return torch.cat(outs, -2)[..., : spans.nq, :], torch.cat(lses, -1)[..., : spans.nq]
 
 
 def _sampled_part(q, k, v, spans: _LocalSpans, cfg: HyperConfig, blocks: Tensor):
