@@ -11,7 +11,7 @@ from hyperpass.config import DEFAULT, HyperConfig, field_names
 from hyperpass.op import FORWARD_SCHEMA, hyper_attention, hyper_attention_op, skip_reason
 from hyperpass.reference import hyper_attention_reference
 
-SMALL = {"min_len": 16, "block_size": 16, "sample_size": 8, "min_seq_len": 16}
+SMALL = {"method": "hyper", "min_len": 16, "block_size": 16, "sample_size": 8, "min_seq_len": 16}
 
 
 def qkv(batch=1, hq=2, hkv=2, n=40, dim=16, dtype=torch.float32, grad=False, seed=0):

@@ -13,6 +13,11 @@ from hyperpass.reference import exact_attention, hyper_attention_reference
 FP32 = {"atol": 2e-5, "rtol": 2e-5}
 
 
+def hyper_config(**params) -> HyperConfig:
+    """The sortLSH + sampling algorithm of the paper, whatever the package default is."""
+    return HyperConfig(**{"method": "hyper", **params})
+
+
 def qkv(batch, q_heads, kv_heads, nq, nk, dim, dtype=torch.float32, dv=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, q_heads, nq, dim, generator=gen, dtype=dtype)
@@ -41,7 +46,7 @@ def test_noncausal_equals_exact_when_one_block_covers_all_keys(
     batch, hq, hkv, nq, nk, dim, sample_size
 ):
     q, k, v = qkv(batch, hq, hkv, nq, nk, dim)
-    cfg = HyperConfig(block_size=16 * math.ceil(nk / 16), sample_size=sample_size)
+    cfg = hyper_config(block_size=16 * math.ceil(nk / 16), sample_size=sample_size)
     out, lse = hyper_attention_reference(q, k, v, config=cfg)
     torch.testing.assert_close(out, sdpa(q, k, v), **FP32)
     exact_lse = torch.logsumexp((q @ k.repeat_interleave(hq // hkv, 1).mT) / math.sqrt(dim), -1)
@@ -53,7 +58,7 @@ def test_noncausal_equals_exact_when_one_block_covers_all_keys(
 def test_causal_equals_exact_in_the_exact_limits(batch, hq, hkv, n, dim, causal_algo):
     q, k, v = qkv(batch, hq, hkv, n, n, dim)
     # recursive: one exact diagonal block; flat: a window covering every past key
-    cfg = HyperConfig(min_seq_len=n, causal_algo=causal_algo, window=n, sample_size=16)
+    cfg = hyper_config(min_seq_len=n, causal_algo=causal_algo, window=n, sample_size=16)
     out, _ = hyper_attention_reference(q, k, v, is_causal=True, config=cfg)
     torch.testing.assert_close(out, sdpa(q, k, v, is_causal=True), **FP32)
 
@@ -61,7 +66,7 @@ def test_causal_equals_exact_in_the_exact_limits(batch, hq, hkv, n, dim, causal_
 def test_causal_recursion_with_exact_off_diagonal_blocks_is_exact():
     # min_seq_len < n forces recursion; one LSH block per off-diagonal makes each level exact
     q, k, v = qkv(2, 4, 2, 200, 200, 32)
-    cfg = HyperConfig(min_seq_len=48, block_size=112, sample_size=8)
+    cfg = hyper_config(min_seq_len=48, block_size=112, sample_size=8)
     out, lse = hyper_attention_reference(q, k, v, is_causal=True, config=cfg)
     torch.testing.assert_close(out, sdpa(q, k, v, is_causal=True), **FP32)
     _, exact_lse = exact_attention(
@@ -73,7 +78,7 @@ def test_causal_recursion_with_exact_off_diagonal_blocks_is_exact():
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_custom_scale_and_value_dim(is_causal):
     q, k, v = qkv(1, 2, 2, 40, 40, 16, dv=24)
-    cfg = HyperConfig(block_size=48, min_seq_len=48, sample_size=0)
+    cfg = hyper_config(block_size=48, min_seq_len=48, sample_size=0)
     out, _ = hyper_attention_reference(q, k, v, is_causal=is_causal, scale=0.3, config=cfg)
     torch.testing.assert_close(out, sdpa(q, k, v, is_causal=is_causal, scale=0.3), **FP32)
 
@@ -91,7 +96,7 @@ def test_sampled_row_sums_are_unbiased():
                     q,
                     k,
                     v,
-                    config=HyperConfig(block_size=16, sample_size=16, lsh_num_projs=3, seed=s),
+                    config=hyper_config(block_size=16, sample_size=16, lsh_num_projs=3, seed=s),
                 )[1].double()
             )
             for s in range(400)
@@ -107,7 +112,7 @@ def test_sampled_row_sums_are_unbiased():
 @pytest.mark.parametrize("window,sinks", [(0, 0), (24, 4)])
 def test_gqa_equals_repeated_kv_heads(is_causal, window, sinks):
     q, k, v = qkv(2, 6, 2, 150, 150, 16)
-    cfg = HyperConfig(block_size=32, sample_size=16, min_seq_len=40, window=window, sinks=sinks)
+    cfg = hyper_config(block_size=32, sample_size=16, min_seq_len=40, window=window, sinks=sinks)
     out, lse = hyper_attention_reference(q, k, v, is_causal=is_causal, config=cfg)
     rep = [t.repeat_interleave(3, dim=1) for t in (k, v)]
     out_rep, lse_rep = hyper_attention_reference(q, *rep, is_causal=is_causal, config=cfg)
@@ -118,7 +123,7 @@ def test_gqa_equals_repeated_kv_heads(is_causal, window, sinks):
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_batch_rows_are_independent(is_causal):
     q, k, v = qkv(3, 2, 2, 96, 96, 16)
-    cfg = HyperConfig(block_size=32, sample_size=0, min_seq_len=32)
+    cfg = hyper_config(block_size=32, sample_size=0, min_seq_len=32)
     out, _ = hyper_attention_reference(q, k, v, is_causal=is_causal, config=cfg)
     for b in range(3):
         row, _ = hyper_attention_reference(
@@ -129,7 +134,7 @@ def test_batch_rows_are_independent(is_causal):
 
 def test_deterministic_for_a_seed_and_seed_matters():
     q, k, v = qkv(1, 2, 2, 300, 300, 16)
-    cfg = HyperConfig(block_size=32, sample_size=32, min_seq_len=64)
+    cfg = hyper_config(block_size=32, sample_size=32, min_seq_len=64)
     a = hyper_attention_reference(q, k, v, is_causal=True, config=cfg)[0]
     b = hyper_attention_reference(q, k, v, is_causal=True, config=cfg)[0]
     c = hyper_attention_reference(q, k, v, is_causal=True, config=cfg.replace(seed=1))[0]
@@ -140,7 +145,7 @@ def test_deterministic_for_a_seed_and_seed_matters():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_inputs_accumulate_in_fp32(dtype):
     q, k, v = qkv(1, 2, 2, 128, 128, 64)
-    cfg = HyperConfig(block_size=32, sample_size=16, min_seq_len=32)
+    cfg = hyper_config(block_size=32, sample_size=16, min_seq_len=32)
     ref, ref_lse = hyper_attention_reference(q, k, v, is_causal=True, config=cfg)
     low = [t.to(dtype) for t in (q, k, v)]
     out, lse = hyper_attention_reference(*low, is_causal=True, config=cfg)
@@ -161,7 +166,7 @@ def test_approximation_is_close_on_structured_inputs():
     )
     v = torch.randn(1, 1, n, dim, generator=gen)
     out, _ = hyper_attention_reference(
-        q, keys, v, config=HyperConfig(block_size=64, sample_size=64)
+        q, keys, v, config=hyper_config(block_size=64, sample_size=64)
     )
     exact = sdpa(q, keys, v)
     rel = (out - exact).norm() / exact.norm()
