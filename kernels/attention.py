@@ -42,6 +42,7 @@ from .pattern import (
     _sinks_dkdv_kernel,
 )
 from .plan import Plan, make_plan
+from .select import select_backward, select_forward
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -107,8 +108,6 @@ def unsupported_reason(q, k, v, is_causal: bool, cfg: HyperConfig) -> str | None
         return "sequence too long for int32 positions"
     if is_causal and q.shape[2] != k.shape[2]:
         return "causal needs Nq == Nk"
-    if cfg.method == "select":
-        return "method='select' has no kernel yet (the reference computes it)"
     return None
 
 
@@ -247,6 +246,8 @@ def hyper_attention_forward(q, k, v, *, is_causal: bool, scale: float | None, co
     Returns:
         (out [B, Hq, Nq, Dv] in q's dtype, lse [B, Hq, Nq] fp32 natural-log log-sum-exp)
     """
+    if config.method == "select":
+        return select_forward(q, k, v, is_causal=is_causal, scale=scale, config=config)
     call = _setup(q, k, v, is_causal, scale, config)
     return _forward(call)
 
@@ -359,6 +360,8 @@ def hyper_attention_backward(
     Returns:
         (dq [B, Hq, Nq, D], dk [B, Hkv, Nk, D], dv [B, Hkv, Nk, Dv]) in the inputs' dtypes.
     """
+    if config.method == "select":
+        return select_backward(grad_out, q, k, v, is_causal=is_causal, scale=scale, config=config)
     call = _setup(q, k, v, is_causal, scale, config)
     out, lse = _forward(call)
     q, k, v, plan, tune = call.q, call.k, call.v, call.plan, call.tune
