@@ -2,7 +2,7 @@
 
 Settings (issue 4): B=1, H=12, D=64 (the paper's) and B=1, 32 query / 8 KV heads, D=128;
 n = 4096 ... 131072; causal and non-causal; forward and forward+backward; bf16; config
-block 256, 256 samples, exact below 4096 (HyperConfig defaults). Times are medians of CUDA-event
+block 256, 256 samples, exact below 4096 (hyperpass.config.PAPER). Times are medians of CUDA-event
 timed runs after a warm-up; fwd+bwd of the kernels is their forward plus their backward (which
 recomputes the forward, as the op does). Peak memory is what the call allocates at most
 (``torch.cuda.max_memory_allocated`` above what was live before it) plus its inputs (q, k, v, and
@@ -86,7 +86,7 @@ def implementations(setting: dict, causal: bool, patterns: bool = False):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from hyperpass import kernels
-    from hyperpass.config import HyperConfig
+    from hyperpass.config import PAPER
     from hyperpass.reference import hyper_attention_reference
 
     gqa = setting["q_heads"] != setting["kv_heads"]
@@ -105,7 +105,7 @@ def implementations(setting: dict, causal: bool, patterns: bool = False):
         return fwd, fwd_bwd
 
     def hyper(algo, **params):
-        cfg = HyperConfig(causal_algo=algo).replace(**params)
+        cfg = PAPER.replace(causal_algo=algo, **params)
 
         def fwd(q, k, v, g):
             return kernels.hyper_attention_forward(
@@ -121,7 +121,7 @@ def implementations(setting: dict, causal: bool, patterns: bool = False):
         return fwd, fwd_bwd
 
     def reference(q, k, v, g):
-        return hyper_attention_reference(q, k, v, is_causal=causal, config=HyperConfig())[0]
+        return hyper_attention_reference(q, k, v, is_causal=causal, config=PAPER)[0]
 
     def reference_bwd(q, k, v, g):
         return torch.autograd.grad(reference(q, k, v, g), (q, k, v), g)

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from hyperpass import kernels  # noqa: E402
-from hyperpass.config import HyperConfig  # noqa: E402
+from hyperpass.config import PAPER  # noqa: E402
 from hyperpass.reference import hyper_attention_reference  # noqa: E402
 
 MODES = {
@@ -81,7 +81,7 @@ def run_case(
     batch, q_heads, kv_heads, n, dim, mode, dtype, grads, params=None, reference=True
 ) -> dict:
     is_causal, algo = MODES[mode]
-    cfg = HyperConfig(causal_algo=algo).replace(**(params or {}))
+    cfg = PAPER.replace(causal_algo=algo, **(params or {}))
     gen = torch.Generator(device="cuda").manual_seed(n + dim)
     shape_q, shape_kv = (batch, q_heads, n, dim), (batch, kv_heads, n, dim)
     q = torch.randn(shape_q, device="cuda", generator=gen).to(dtype)
@@ -130,7 +130,7 @@ def op_case() -> dict:
     """The op on CUDA must route to the kernels and agree with them (forward and backward)."""
     from hyperpass.op import hyper_attention
 
-    cfg = HyperConfig()
+    cfg = PAPER
     n = 8192 + 3
     q, k, v = (torch.randn(1, 4, n, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     for t in (q, k, v):

@@ -14,7 +14,7 @@ from attention_corpus import Fn, hw_masked_fill_tril, qkv, sdpa_hf_bool_mask
 import hyperpass
 from hyperpass.report import COUNTERS, SiteReport, reset_counters
 
-EXACT = {"block_size": 64, "min_seq_len": 64}
+EXACT = {"method": "hyper", "window": 0, "sinks": 0, "block_size": 64, "min_seq_len": 64}
 
 
 @pytest.fixture(autouse=True)

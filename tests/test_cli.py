@@ -12,8 +12,19 @@ from torch import nn
 from hyperpass import cli
 
 SCRIPT = Path(__file__).parent / "scripts" / "tiny_attention_model.py"
-EXACT = ["--min-len", "16", "--block-size", "128", "--min-seq-len", "128"]
-APPROX = ["--min-len", "16", "--block-size", "16", "--sample-size", "16", "--min-seq-len", "16"]
+PAPER = ["--method", "hyper", "--window", "0", "--sinks", "0"]  # the paper's algorithm
+EXACT = [*PAPER, "--min-len", "16", "--block-size", "128", "--min-seq-len", "128"]
+APPROX = [
+    *PAPER,
+    "--min-len",
+    "16",
+    "--block-size",
+    "16",
+    "--sample-size",
+    "16",
+    "--min-seq-len",
+    "16",
+]
 
 
 def _run(argv, cwd):

@@ -17,7 +17,13 @@ from hyperpass.op import hyper_attention_op
 from hyperpass.report import COUNTERS
 
 # block_size and min_seq_len >= N make the approximation exact at the corpus' lengths
-EXACT = {"block_size": 64, "min_seq_len": 64, "sample_size": 16}
+PAPER_ALGO = {"method": "hyper", "window": 0, "sinks": 0}  # the paper's algorithm
+EXACT = {
+    **PAPER_ALGO,
+    "block_size": 64,
+    "min_seq_len": 64,
+    "sample_size": 16,
+}
 CASES = {c.name: c for c in corpus()}
 
 
@@ -102,7 +108,7 @@ def test_exact_site_graph_untouched():
 def test_rewrite_runs_the_approximation_with_the_site_config():
     """Not exact parameters: the compiled model computes hyper_attention's approximation."""
     q, k, v = qkv(n_q=128, d=16)
-    params = {"block_size": 16, "sample_size": 16, "min_seq_len": 32, "min_len": 64}
+    params = {**PAPER_ALGO, "block_size": 16, "sample_size": 16, "min_seq_len": 32, "min_len": 64}
     be = hyperpass.backend(inner="aot_eager", **params)
     out = torch.compile(Fn(CASES["hw_masked_fill_tril"].module.fn), backend=be)(q, k, v)
     expected = hyperpass.hyper_attention(q, k, v, is_causal=True, scale=0.25, **params)
@@ -232,6 +238,8 @@ def test_per_site_overrides():
         min_len=16,
         inner="eager",
         block_size=32,
+        method="hyper",
+        window=0,
         overrides={"layers.1": {"block_size": 64, "window": 8}, "layers.*": {"seed": 3}},
     )
     torch.compile(Stack(), backend=be, fullgraph=True)(torch.randn(1, 2, 32, 8))
@@ -267,7 +275,7 @@ def test_dynamic_length_crosses_min_len_without_recompiling():
         s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
         return torch.softmax(s, dim=-1) @ v
 
-    params = {"min_len": 48, "block_size": 16, "sample_size": 16, "min_seq_len": 16}
+    params = {**PAPER_ALGO, "min_len": 48, "block_size": 16, "sample_size": 16, "min_seq_len": 16}
     be = hyperpass.backend(inner="aot_eager", **params)
     compiled = torch.compile(Fn(fn), backend=be, dynamic=True, fullgraph=True)
     counters.clear()

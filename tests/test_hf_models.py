@@ -19,7 +19,14 @@ from hyperpass.report import COUNTERS
 transformers = pytest.importorskip("transformers")
 
 N_LAYERS, SEQ, VOCAB = 2, 32, 64
-EXACT = {"block_size": 64, "min_seq_len": 64, "sample_size": 16}
+EXACT = {
+    "method": "hyper",
+    "window": 0,
+    "sinks": 0,
+    "block_size": 64,
+    "min_seq_len": 64,
+    "sample_size": 16,
+}
 _COMMON = {
     "vocab_size": VOCAB,
     "hidden_size": 32,

@@ -30,7 +30,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 # small problems: 32-key blocks, 16 samples, 3 hyperplanes, exact leaves of at most 32
-SMALL = HyperConfig(block_size=32, sample_size=16, lsh_num_projs=3, min_seq_len=32)
+SMALL = HyperConfig(
+    method="hyper",
+    window=0,
+    sinks=0,
+    block_size=32,
+    sample_size=16,
+    lsh_num_projs=3,
+    min_seq_len=32,
+)
 FLOOR_ULPS = {torch.float32: 8 * 2.0**-24, torch.float16: 2 * 2.0**-11}
 
 

@@ -18,7 +18,16 @@ ort = pytest.importorskip("onnxruntime")
 hyperpass_onnx = pytest.importorskip("hyperpass.onnx")
 
 HEAD_DIM = 8
-LONG = dict(min_len=16, block_size=16, sample_size=16, min_seq_len=32, seed=3)
+LONG = dict(
+    method="hyper",
+    window=0,
+    sinks=0,
+    min_len=16,
+    block_size=16,
+    sample_size=16,
+    min_seq_len=32,
+    seed=3,
+)
 SHORT = dict(min_len=1 << 20)
 
 

@@ -11,7 +11,15 @@ from hyperpass.config import DEFAULT, HyperConfig, field_names
 from hyperpass.op import FORWARD_SCHEMA, hyper_attention, hyper_attention_op, skip_reason
 from hyperpass.reference import hyper_attention_reference
 
-SMALL = {"method": "hyper", "min_len": 16, "block_size": 16, "sample_size": 8, "min_seq_len": 16}
+SMALL = {
+    "method": "hyper",
+    "window": 0,
+    "sinks": 0,
+    "min_len": 16,
+    "block_size": 16,
+    "sample_size": 8,
+    "min_seq_len": 16,
+}
 
 
 def qkv(batch=1, hq=2, hkv=2, n=40, dim=16, dtype=torch.float32, grad=False, seed=0):
@@ -56,7 +64,7 @@ def test_gradcheck_float64(is_causal):
 
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_gradients_equal_autograd_through_the_reference(is_causal):
-    cfg = HyperConfig(**SMALL, window=4, sinks=2)
+    cfg = HyperConfig(**{**SMALL, "window": 4, "sinks": 2})
     q, k, v = qkv(batch=2, hq=6, hkv=2, n=70, grad=True)
     grad_out = torch.randn(2, 6, 70, 16)
     out = hyper_attention(q, k, v, is_causal=is_causal, enable_gqa=True, config=cfg)
@@ -150,8 +158,8 @@ def test_compiles_fullgraph_with_dynamic_lengths():
         ({"sample_size": -1}, "sample_size"),
         ({"lsh_num_projs": 17}, "lsh_num_projs"),
         ({"method": "nope"}, "method must be one of"),
-        ({"method": "local"}, "window > 0"),
-        ({"method": "longformer", "window": 8}, "sinks > 0"),
+        ({"method": "local", "window": 0}, "window > 0"),
+        ({"method": "longformer", "window": 8, "sinks": 0}, "sinks > 0"),
         ({"min_len": 2.5}, "min_len must be an int"),
         ({"causal_algo": "other"}, "causal_algo"),
     ],

@@ -13,9 +13,11 @@ from hyperpass import patching
 
 DIM, HEADS = 32, 2
 # block and recursion as long as the sequence: the approximation is exact attention
-EXACT = dict(min_len=16, block_size=128, min_seq_len=128)
+EXACT = dict(method="hyper", window=0, sinks=0, min_len=16, block_size=128, min_seq_len=128)
 # small blocks and samples: an approximation that differs from SDPA
-APPROX = dict(min_len=16, block_size=16, sample_size=16, min_seq_len=16)
+APPROX = dict(
+    method="hyper", window=0, sinks=0, min_len=16, block_size=16, sample_size=16, min_seq_len=16
+)
 
 
 class Block(nn.Module):

@@ -15,7 +15,7 @@ FP32 = {"atol": 2e-5, "rtol": 2e-5}
 
 def hyper_config(**params) -> HyperConfig:
     """The sortLSH + sampling algorithm of the paper, whatever the package default is."""
-    return HyperConfig(**{"method": "hyper", **params})
+    return HyperConfig(**{"method": "hyper", "window": 0, "sinks": 0, **params})
 
 
 def qkv(batch, q_heads, kv_heads, nq, nk, dim, dtype=torch.float32, dv=None, seed=0):

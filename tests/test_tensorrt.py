@@ -29,7 +29,16 @@ needs_tensorrt = pytest.mark.skipif(
     not (HAS_TENSORRT and torch.cuda.is_available()),
     reason=f"needs a CUDA GPU and {hp_trt.SUPPORTED}",
 )
-LONG = dict(min_len=16, block_size=16, sample_size=16, min_seq_len=32, seed=1)
+LONG = dict(
+    method="hyper",
+    window=0,
+    sinks=0,
+    min_len=16,
+    block_size=16,
+    sample_size=16,
+    min_seq_len=32,
+    seed=1,
+)
 ONNX_TYPES = {int: onnx.AttributeProto.INT, float: onnx.AttributeProto.FLOAT}
 
 
