@@ -231,9 +231,15 @@ def keys_per_query(params: dict | None, n: int) -> float:
     if cfg.method == "select":  # the op's method="select" is the prototype's per-head "max" variant
         import quality_proto
 
-        proto = {"window": cfg.window, "sinks": cfg.sinks, "block": cfg.select_block,
-                 "qblock": cfg.query_block, "topk": cfg.select_topk, "agg": "max",
-                 "samples": cfg.sample_size}
+        proto = {
+            "window": cfg.window,
+            "sinks": cfg.sinks,
+            "block": cfg.select_block,
+            "qblock": cfg.query_block,
+            "topk": cfg.select_topk,
+            "agg": "max",
+            "samples": cfg.sample_size,
+        }
         return quality_proto.keys_per_query(proto, n)
     if cfg.method == "hyper" and cfg.causal_algo == "recursive":
         return _recursive_work(cfg, n, 0) / n

@@ -40,8 +40,15 @@ BASE: dict[str, dict | None] = {
 }  # fmt: skip
 
 # the op's method="select" (hyperpass/block_select.py), folded in from the prototype below
-_SELECT = {"method": "select", "window": 512, "sinks": 16, "select_topk": 16, "select_block": 64,
-           "query_block": 16, "sample_size": 0}
+_SELECT = {
+    "method": "select",
+    "window": 512,
+    "sinks": 16,
+    "select_topk": 16,
+    "select_block": 64,
+    "query_block": 16,
+    "sample_size": 0,
+}
 BASE["select_w512_k16_q16"] = _SELECT
 BASE["select_w1024_k8_q16"] = {**_SELECT, "window": 1024, "select_topk": 8}
 
