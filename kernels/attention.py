@@ -11,6 +11,8 @@ Same semantics as :func:`hyperpass.reference.hyper_attention_reference` (the ora
    (dQ, dK/dV of the blocks, dK/dV of the samples), plus two for the diagonal leaves.
 4. window/dilation/sinks (``pattern.py``): one more launch merges the exact pattern part (and
    two or three in the backward); the pattern-only methods run only that launch, unhashed.
+5. ``method="select"`` (``select.py``): block scores and top-k in torch, then one fused launch
+   over the local span, sinks, selected blocks and samples (and one for the backward).
 """
 
 from __future__ import annotations
