@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from attention_corpus import Fn, hw_masked_fill_tril, qkv, sdpa_hf_bool_mask
+from configs import PAPER_ALGO
 
 import hyperpass
 from hyperpass.report import COUNTERS, SiteReport, reset_counters
 
-EXACT = {"method": "hyper", "window": 0, "sinks": 0, "block_size": 64, "min_seq_len": 64}
+EXACT = {**PAPER_ALGO, "block_size": 64, "min_seq_len": 64}
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from attention_corpus import Fn, corpus, qkv
+from configs import PAPER_ALGO
 from torch import nn
 
 import hyperpass
@@ -17,7 +18,6 @@ from hyperpass.op import hyper_attention_op
 from hyperpass.report import COUNTERS
 
 # block_size and min_seq_len >= N make the approximation exact at the corpus' lengths
-PAPER_ALGO = {"method": "hyper", "window": 0, "sinks": 0}  # the paper's algorithm
 EXACT = {
     **PAPER_ALGO,
     "block_size": 64,
@@ -238,8 +238,7 @@ def test_per_site_overrides():
         min_len=16,
         inner="eager",
         block_size=32,
-        method="hyper",
-        window=0,
+        **PAPER_ALGO,
         overrides={"layers.1": {"block_size": 64, "window": 8}, "layers.*": {"seed": 3}},
     )
     torch.compile(Stack(), backend=be, fullgraph=True)(torch.randn(1, 2, 32, 8))

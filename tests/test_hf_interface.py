@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from configs import PAPER_ALGO
 
 import hyperpass
 from hyperpass import hf, patching
@@ -11,10 +12,8 @@ from hyperpass import hf, patching
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 
-EXACT = dict(method="hyper", window=0, sinks=0, min_len=16, block_size=128, min_seq_len=128)
-APPROX = dict(
-    method="hyper", window=0, sinks=0, min_len=16, block_size=16, sample_size=16, min_seq_len=16
-)
+EXACT = dict(**PAPER_ALGO, min_len=16, block_size=128, min_seq_len=128)
+APPROX = dict(**PAPER_ALGO, min_len=16, block_size=16, sample_size=16, min_seq_len=16)
 N_LAYERS, SEQ, VOCAB = 2, 64, 96
 
 TINY = dict(

@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from configs import PAPER_ALGO
 
 import hyperpass
 from hyperpass.report import COUNTERS
@@ -20,9 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 N_LAYERS, SEQ, VOCAB = 2, 32, 64
 EXACT = {
-    "method": "hyper",
-    "window": 0,
-    "sinks": 0,
+    **PAPER_ALGO,
     "block_size": 64,
     "min_seq_len": 64,
     "sample_size": 16,

@@ -21,6 +21,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from configs import PAPER_ALGO
+
 from hyperpass import kernels, lsh  # noqa: E402
 from hyperpass.config import HyperConfig  # noqa: E402
 from hyperpass.reference import hyper_attention_reference  # noqa: E402
@@ -31,9 +33,7 @@ pytestmark = pytest.mark.skipif(
 
 # small problems: 32-key blocks, 16 samples, 3 hyperplanes, exact leaves of at most 32
 SMALL = HyperConfig(
-    method="hyper",
-    window=0,
-    sinks=0,
+    **PAPER_ALGO,
     block_size=32,
     sample_size=16,
     lsh_num_projs=3,

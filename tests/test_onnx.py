@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from configs import PAPER_ALGO
 
 import hyperpass
 from hyperpass import deploy_attrs
@@ -19,9 +20,7 @@ hyperpass_onnx = pytest.importorskip("hyperpass.onnx")
 
 HEAD_DIM = 8
 LONG = dict(
-    method="hyper",
-    window=0,
-    sinks=0,
+    **PAPER_ALGO,
     min_len=16,
     block_size=16,
     sample_size=16,

@@ -5,6 +5,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from configs import PAPER_ALGO
 
 import hyperpass
 from hyperpass.config import DEFAULT, HyperConfig, field_names
@@ -12,9 +13,7 @@ from hyperpass.op import FORWARD_SCHEMA, hyper_attention, hyper_attention_op, sk
 from hyperpass.reference import hyper_attention_reference
 
 SMALL = {
-    "method": "hyper",
-    "window": 0,
-    "sinks": 0,
+    **PAPER_ALGO,
     "min_len": 16,
     "block_size": 16,
     "sample_size": 8,

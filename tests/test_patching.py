@@ -5,6 +5,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from configs import PAPER_ALGO
 from torch import nn
 from torch.nn.functional import scaled_dot_product_attention as early_bound_sdpa
 
@@ -13,11 +14,9 @@ from hyperpass import patching
 
 DIM, HEADS = 32, 2
 # block and recursion as long as the sequence: the approximation is exact attention
-EXACT = dict(method="hyper", window=0, sinks=0, min_len=16, block_size=128, min_seq_len=128)
+EXACT = dict(**PAPER_ALGO, min_len=16, block_size=128, min_seq_len=128)
 # small blocks and samples: an approximation that differs from SDPA
-APPROX = dict(
-    method="hyper", window=0, sinks=0, min_len=16, block_size=16, sample_size=16, min_seq_len=16
-)
+APPROX = dict(**PAPER_ALGO, min_len=16, block_size=16, sample_size=16, min_seq_len=16)
 
 
 class Block(nn.Module):

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from configs import PAPER_ALGO
 
 from hyperpass import lsh
 from hyperpass.config import HyperConfig
@@ -15,7 +16,7 @@ FP32 = {"atol": 2e-5, "rtol": 2e-5}
 
 def hyper_config(**params) -> HyperConfig:
     """The sortLSH + sampling algorithm of the paper, whatever the package default is."""
-    return HyperConfig(**{"method": "hyper", "window": 0, "sinks": 0, **params})
+    return HyperConfig(**{**PAPER_ALGO, **params})
 
 
 def qkv(batch, q_heads, kv_heads, nq, nk, dim, dtype=torch.float32, dv=None, seed=0):

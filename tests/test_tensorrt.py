@@ -16,6 +16,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from configs import PAPER_ALGO
 
 import hyperpass
 from hyperpass import deploy_attrs
@@ -30,9 +31,7 @@ needs_tensorrt = pytest.mark.skipif(
     reason=f"needs a CUDA GPU and {hp_trt.SUPPORTED}",
 )
 LONG = dict(
-    method="hyper",
-    window=0,
-    sinks=0,
+    **PAPER_ALGO,
     min_len=16,
     block_size=16,
     sample_size=16,
