@@ -2,8 +2,8 @@
 
 Same semantics as :func:`hyperpass.reference.hyper_attention_reference` (the oracle). One call:
 
-1. hash Q and K once (``hashing.lsh_rank``), one stable sort per level (all levels in one
-   ``torch.sort``);
+1. hash Q and K once and sort every level at once by counting (``hashing.hash_and_sort``;
+   ``torch.sort`` beyond 8 hyperplanes);
 2. non-causal / flat causal: one launch of the fused approximation writes out and lse;
    causal recursive: one launch per level (each merging into an fp32 accumulator), then one
    launch of the exact diagonal leaves that merges everything and writes the output;
@@ -33,7 +33,13 @@ from .approx import (
     _approx_fwd_kernel,
 )
 from .exact import _diag_dkdv_kernel, _diag_dq_kernel, _diag_fwd_kernel
-from .hashing import lsh_rank, planes_for, sort_levels
+from .hashing import (
+    counting_sort_supported,
+    hash_and_sort,
+    lsh_rank,
+    planes_for,
+    sort_levels,
+)
 from .pattern import (
     LIMIT_ALL,
     LIMIT_LEAF,
@@ -222,14 +228,18 @@ def _setup(q, k, v, is_causal: bool, scale: float | None, cfg: HyperConfig) -> _
         nq, nk, is_causal, cfg, batch, kv_heads, q.device,
         tune.block_m, tune.block_n, _num_sms(q.device),
     )  # fmt: skip
+    if not plan.levels:  # one exact causal leaf: no part but the diagonal, nothing to hash
+        return _Call(q, k, v, scale, cfg, plan, tune, None, None, None, None)
     planes = planes_for(dim, cfg.lsh_num_projs, cfg.seed, q.device)
-    r, n_seg = cfg.lsh_num_projs, plan.n_segments
-    q_order, _ = sort_levels(lsh_rank(q, planes, scale), plan.segments, r, n_segments=n_seg)
-    k_order, k_inverse = sort_levels(
-        lsh_rank(k, planes, 1.0), plan.segments, r, inverse=True, n_segments=n_seg
-    )
-    if plan.leaf_start is not None and not plan.levels:
-        pattern = None  # one exact causal leaf: no part but the diagonal
+    if counting_sort_supported(cfg.lsh_num_projs):
+        q_order, _ = hash_and_sort(q, planes, scale, plan.edges)
+        k_order, k_inverse = hash_and_sort(k, planes, 1.0, plan.edges, inverse=True)
+    else:  # more than 256 buckets: torch.sort of (segment, rank) keys
+        r, n_seg = cfg.lsh_num_projs, plan.n_segments
+        q_order, _ = sort_levels(lsh_rank(q, planes, scale), plan.segments, r, n_segments=n_seg)
+        k_order, k_inverse = sort_levels(
+            lsh_rank(k, planes, 1.0), plan.segments, r, inverse=True, n_segments=n_seg
+        )
     return _Call(q, k, v, scale, cfg, plan, tune, pattern, q_order, k_order, k_inverse)
 
 

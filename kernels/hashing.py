@@ -7,11 +7,30 @@ where a projection is within rounding of zero (the two sum in different orders).
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from hyperpass import lsh
+
+
+@triton.jit
+def _gray_rank(x, PLANES, cols, D: tl.constexpr, R: tl.constexpr, N_SHIFTS: tl.constexpr):
+    """Gray-code rank (int32) of each row of ``x`` [rows, BLOCK_D] fp32: projections on the R
+    planes in registers, sign bits, then the inverse Gray transform (prefix XOR from the top
+    bit), as ``lsh.gray_rank``."""
+    code = tl.zeros([x.shape[0]], dtype=tl.int32)
+    for r in tl.static_range(R):
+        plane = tl.load(PLANES + cols * R + r, mask=cols < D, other=0.0)
+        proj = tl.sum(x * plane[None, :], axis=1)
+        code += (proj > 0).to(tl.int32) << r
+    rank = code
+    for s in tl.static_range(N_SHIFTS):
+        rank = rank ^ (rank >> (1 << s))
+    return rank
 
 
 @triton.jit
@@ -40,20 +59,110 @@ def _rank_kernel(
     base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
     mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
     x = tl.load(base + rows[:, None].to(tl.int64) * stride_xn + cols[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32) * scale
-    code = tl.zeros([BLOCK], dtype=tl.int32)
-    for r in tl.static_range(R):
-        plane = tl.load(PLANES + cols * R + r, mask=cols < D, other=0.0)
-        proj = tl.sum(x * plane[None, :], axis=1)
-        code += (proj > 0).to(tl.int32) << r
-    # inverse Gray transform (prefix XOR from the top bit), as lsh.gray_rank
-    rank = code
-    for s in tl.static_range(N_SHIFTS):
-        rank = rank ^ (rank >> (1 << s))
+    rank = _gray_rank(x.to(tl.float32) * scale, PLANES, cols, D, R, N_SHIFTS)
     tl.store(RANK + pid_bh.to(tl.int64) * n_rows + rows, rank, mask=rows < n_rows)
 
 
-def lsh_rank(x: torch.Tensor, planes: torch.Tensor, scale: float) -> torch.Tensor:
+@triton.jit
+def _rank_hist_kernel(
+    X, PLANES, RANK, HIST, CHUNKS,
+    stride_xb, stride_xh, stride_xn,
+    heads, n_rows, n_chunks, scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr, N_SHIFTS: tl.constexpr,
+    BUCKETS: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+):  # fmt: skip
+    """Ranks (int16) of SUB rows of one chunk, counted into the chunk's histogram [BUCKETS]
+    (zeroed before). Many small programs: one program per chunk was 3x slower."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    c = pid // (CHUNK // SUB)
+    b = pid_bh // heads
+    h = pid_bh % heads
+    start = tl.load(CHUNKS + c) + (pid % (CHUNK // SUB)) * SUB
+    end = tl.load(CHUNKS + c + 1)
+    cols = tl.arange(0, BLOCK_D)
+    base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    rows = start + tl.arange(0, SUB)
+    ok = rows < end
+    offs = rows[:, None].to(tl.int64) * stride_xn + cols[None, :]
+    x = tl.load(base + offs, mask=ok[:, None] & (cols < D)[None, :], other=0.0)
+    rank = _gray_rank(x.to(tl.float32) * scale, PLANES, cols, D, R, N_SHIFTS)
+    tl.store(RANK + pid_bh.to(tl.int64) * n_rows + rows, rank.to(tl.int16), mask=ok)
+    # one atomic per row: tl.histogram (2x) and a one-hot sum (2.7x) made this kernel slower
+    # than the hashing alone on an H100
+    tl.atomic_add(HIST + (pid_bh.to(tl.int64) * n_chunks + c) * BUCKETS + rank, 1, mask=ok)
+
+
+@triton.jit
+def _scan_kernel(
+    HIST, TABLE, SEGS, rows_total, n_chunks,
+    BUCKETS: tl.constexpr, CB: tl.constexpr,
+):  # fmt: skip
+    """For one segment of one level and one (batch, head) row: TABLE[level, row, chunk, bucket]
+    = where the chunk's first key of that bucket goes, minus the number of the chunk's keys in
+    smaller buckets (so the scatter adds the key's position in the sorted chunk)."""
+    g = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    level = tl.load(SEGS + g * 4)
+    c0 = tl.load(SEGS + g * 4 + 1)
+    c1 = tl.load(SEGS + g * 4 + 2)
+    seg_start = tl.load(SEGS + g * 4 + 3)
+    bucket = tl.arange(0, BUCKETS)
+    totals = tl.zeros([BUCKETS], dtype=tl.int32)
+    for cc in range(c0, c1, CB):
+        chunks = cc + tl.arange(0, CB)
+        ok = (chunks < c1)[:, None]
+        tile = tl.load(
+            HIST + (row * n_chunks + chunks)[:, None] * BUCKETS + bucket, mask=ok, other=0
+        )
+        totals += tl.sum(tile, axis=0)
+    # the segment's keys of bucket b start after all its keys of smaller buckets
+    bucket_start = seg_start + tl.cumsum(totals, axis=0) - totals
+    earlier = tl.zeros([BUCKETS], dtype=tl.int32)  # keys of each bucket in earlier chunks
+    for cc in range(c0, c1, CB):
+        chunks = cc + tl.arange(0, CB)
+        ok = (chunks < c1)[:, None]
+        tile = tl.load(
+            HIST + (row * n_chunks + chunks)[:, None] * BUCKETS + bucket, mask=ok, other=0
+        )
+        before = earlier[None, :] + tl.cumsum(tile, axis=0) - tile
+        smaller_in_chunk = tl.cumsum(tile, axis=1) - tile
+        out = bucket_start[None, :] + before - smaller_in_chunk
+        dst = ((level * rows_total + row) * n_chunks + chunks)[:, None] * BUCKETS + bucket
+        tl.store(TABLE + dst, out, mask=ok)
+        earlier += tl.sum(tile, axis=0)
+
+
+@triton.jit
+def _scatter_kernel(
+    RANK, TABLE, CHUNKS, ORDER, INVERSE,
+    rows_total, n_rows, n_chunks, n_levels,
+    BUCKETS: tl.constexpr, CHUNK: tl.constexpr, WITH_INVERSE: tl.constexpr,
+):  # fmt: skip
+    """Sorts one chunk by (rank, position) in registers, then writes every level's sorted
+    order (and its inverse): destination = TABLE[level, row, chunk, rank] + sorted position."""
+    c = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    start = tl.load(CHUNKS + c)
+    length = tl.load(CHUNKS + c + 1) - start
+    i = tl.arange(0, CHUNK)
+    rank = tl.load(RANK + row * n_rows + start + i, mask=i < length, other=BUCKETS).to(tl.int32)
+    key = tl.sort(rank * CHUNK + i)  # unique keys: a stable order by rank
+    bucket = key // CHUNK
+    position = start + key % CHUNK
+    valid = i < length
+    for level in range(n_levels):
+        plane = (level * rows_total + row) * n_chunks + c
+        dest = tl.load(TABLE + plane * BUCKETS + bucket, mask=valid, other=0) + i
+        line = (level * rows_total + row) * n_rows
+        tl.store(ORDER + line + dest, position, mask=valid)
+        if WITH_INVERSE:
+            tl.store(INVERSE + line + position, dest, mask=valid)
+
+
+def lsh_rank(
+    x: torch.Tensor, planes: torch.Tensor, scale: float, block: int = 64, warps: int = 4
+) -> torch.Tensor:
     """Gray-code rank [B, H, N] int32 of the rows of ``x * scale``; x [B, H, N, D]."""
     batch, heads, n, dim = x.shape
     if x.stride(-1) != 1:
@@ -61,7 +170,6 @@ def lsh_rank(x: torch.Tensor, planes: torch.Tensor, scale: float) -> torch.Tenso
     num_projs = planes.shape[1]
     ranks = torch.empty(batch, heads, n, dtype=torch.int32, device=x.device)
     n_shifts = max(0, (num_projs - 1).bit_length())
-    block = 64
     grid = (triton.cdiv(n, block), batch * heads)
     _rank_kernel[grid](
         x,
@@ -78,6 +186,7 @@ def lsh_rank(x: torch.Tensor, planes: torch.Tensor, scale: float) -> torch.Tenso
         R=num_projs,
         N_SHIFTS=n_shifts,
         BLOCK=block,
+        num_warps=warps,
     )
     return ranks
 
@@ -112,6 +221,91 @@ def sort_levels(
     n = ranks.shape[-1]
     positions = torch.arange(n, device=ranks.device, dtype=torch.int32).expand_as(order)
     return order, torch.empty_like(order).scatter_(-1, order.long(), positions)
+
+
+CHUNK = 1024  # positions per counting-sort chunk: one program sorts it in registers
+MAX_COUNTING_BITS = 8  # up to 256 buckets; more hyperplanes take torch.sort
+_SCAN_CHUNKS = 32  # chunk rows per step of the scan kernel
+SCATTER_WARPS = 8
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_tables(n: int, edges: tuple[tuple[int, ...], ...], chunk: int, device) -> tuple:
+    """Chunks of at most ``chunk`` positions that never straddle a segment of any level, and per
+    (level, segment) its chunk range: (chunks [C + 1] int32 starts and the end n,
+    segs [G, 4] int32 rows (level, first chunk, one past the last chunk, first position))."""
+    finest = sorted(set().union(*edges))
+    starts = [p for a, b in itertools.pairwise(finest) for p in range(a, b, chunk)]
+    index = {p: c for c, p in enumerate(starts)}
+    index[n] = len(starts)
+    segs = [
+        (level, index[a], index[b], a)
+        for level, bounds in enumerate(edges)
+        for a, b in itertools.pairwise(bounds)
+    ]
+    chunks = torch.tensor(starts + [n], dtype=torch.int32, device=device)
+    return chunks, torch.tensor(segs, dtype=torch.int32, device=device)
+
+
+def counting_sort_supported(num_projs: int) -> bool:
+    return num_projs <= MAX_COUNTING_BITS
+
+
+def hash_and_sort(
+    x: torch.Tensor,
+    planes: torch.Tensor,
+    scale: float,
+    edges: tuple[tuple[int, ...], ...] | None,
+    inverse: bool = False,
+    chunk: int | None = None,
+):
+    """Every level's stable sort of the rows of ``x`` by (segment, Gray-code rank), by counting.
+
+    Args:
+        x: [B, H, N, D]; planes: [D, r] with r <= MAX_COUNTING_BITS.
+        edges: per level, sorted segment boundaries (0 and N included); None: one segment.
+        chunk: positions per chunk (a power of two); None: CHUNK, or less when every segment
+            of the finest level is shorter.
+
+    Returns:
+        (order [L, B, H, N] int32 original positions in sorted order,
+         inverse [L, B, H, N] int32 sorted position of each original position, or None)
+
+    Four launches, no device sync: ranks + per-chunk histograms, a scan of the histograms per
+    segment, and one scatter per chunk (sorted in registers) that writes every level.
+    """
+    batch, heads, n, dim = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    num_projs = planes.shape[1]
+    buckets = max(16, 1 << num_projs)
+    edges = edges if edges is not None else ((0, n),)
+    if chunk is None:
+        longest = max(b - a for a, b in itertools.pairwise(edges[-1]))
+        chunk = min(CHUNK, max(16, triton.next_power_of_2(longest)))
+    chunks, segs = _chunk_tables(n, edges, chunk, x.device)
+    n_chunks, rows, levels = chunks.shape[0] - 1, batch * heads, len(edges)
+    device = x.device
+    ranks = torch.empty(rows, n, dtype=torch.int16, device=device)
+    hist = torch.zeros(rows, n_chunks, buckets, dtype=torch.int32, device=device)
+    sub = min(64, chunk)
+    _rank_hist_kernel[(n_chunks * (chunk // sub), rows)](
+        x, planes, ranks, hist, chunks, x.stride(0), x.stride(1), x.stride(2),
+        heads, n, n_chunks, scale,
+        D=dim, BLOCK_D=triton.next_power_of_2(dim), R=num_projs,
+        N_SHIFTS=max(0, (num_projs - 1).bit_length()), BUCKETS=buckets, CHUNK=chunk, SUB=sub,
+    )  # fmt: skip
+    table = torch.empty(levels, rows, n_chunks, buckets, dtype=torch.int32, device=device)
+    _scan_kernel[(segs.shape[0], rows)](
+        hist, table, segs, rows, n_chunks, BUCKETS=buckets, CB=_SCAN_CHUNKS
+    )
+    order = torch.empty(levels, batch, heads, n, dtype=torch.int32, device=device)
+    inv = torch.empty_like(order) if inverse else order
+    _scatter_kernel[(n_chunks, rows)](
+        ranks, table, chunks, order, inv, rows, n, n_chunks, levels,
+        BUCKETS=buckets, CHUNK=chunk, WITH_INVERSE=inverse, num_warps=SCATTER_WARPS,
+    )  # fmt: skip
+    return order, (inv if inverse else None)
 
 
 _PLANES: dict = {}

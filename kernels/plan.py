@@ -63,6 +63,8 @@ class Plan:
         leaf_end: [Nq] int32 one past the last row of that leaf, else None.
         only_past: the approximation masks future keys and counts the diagonal (flat causal).
         n_segments: one more than the largest segment id.
+        edges: per level, the sorted segment boundaries (0 and N included), the counting sort's
+            view of ``segments``; None when the single segment is everything.
     """
 
     levels: tuple[Level, ...]
@@ -71,6 +73,7 @@ class Plan:
     leaf_end: torch.Tensor | None
     only_past: bool
     n_segments: int = 1
+    edges: tuple[tuple[int, ...], ...] | None = None
 
 
 def _tree(n: int, min_seq_len: int):
@@ -157,7 +160,7 @@ def make_plan(
         return Plan((level,), None, None, None, only_past=is_causal)
 
     by_depth, leaves = _tree(nq, cfg.min_seq_len)
-    levels, segments = [], []
+    levels, segments, level_edges = [], [], []
     bounds: set[int] = {0}
     for depth_nodes in by_depth:
         rows = []
@@ -166,7 +169,8 @@ def make_plan(
             rows.append(_sub_row(off + half, size - half, off, half, cfg.block_size))
             bounds |= {off, off + half, off + size}
         levels.append(_level(rows, cfg, batch, kv_heads, device, block_m, block_n, n_sm))
-        edges = torch.tensor(sorted(bounds))
+        level_edges.append(tuple(sorted(bounds)))
+        edges = torch.tensor(level_edges[-1])
         segments.append(torch.searchsorted(edges, torch.arange(nq), right=True) - 1)
     leaf_start = torch.empty(nq, dtype=torch.int32)
     leaf_end = torch.empty(nq, dtype=torch.int32)
@@ -181,4 +185,5 @@ def make_plan(
         leaf_end.to(device),
         only_past=False,
         n_segments=1 if seg is None else int(seg.max()) + 1,
+        edges=tuple(level_edges) if level_edges else None,
     )

@@ -52,11 +52,11 @@ def small_tiles():
 
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
-    """torch.empty/empty_like hand out NaN (floats) or 2**30 (ints) instead of stale memory."""
+    """torch.empty/empty_like hand out NaN (floats) or the largest int instead of stale memory."""
     real_empty, real_like = torch.empty, torch.empty_like
 
     def fill(t):
-        return t.fill_(float("nan") if t.is_floating_point() else 2**30)
+        return t.fill_(float("nan") if t.is_floating_point() else torch.iinfo(t.dtype).max)
 
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: fill(real_empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(real_like(*a, **kw)))
@@ -207,3 +207,40 @@ def test_sort_levels_segments(n_segments):
             assert order[0, b, h].tolist() == pairs
     positions = torch.arange(n, dtype=torch.int32).expand(2, 3, n)
     assert torch.equal(inverse[0].gather(-1, order[0].long()), positions)
+
+
+@pytest.mark.parametrize(
+    "num_projs,chunk,edges",
+    [
+        (7, 1024, None),
+        (3, 16, None),
+        (
+            8,
+            16,
+            ((0, 300, 601), (0, 150, 300, 451, 601), (0, 75, 150, 225, 300, 375, 451, 526, 601)),
+        ),
+        (5, 64, ((0, 601),)),
+    ],
+    ids=["one-chunk", "chunks", "levels-odd-bounds", "one-level"],
+)
+def test_counting_sort_matches_torch_sort(num_projs, chunk, edges):
+    """The counting sort orders every level exactly as a stable sort by (segment, rank)."""
+    from hyperpass.kernels.hashing import hash_and_sort, lsh_rank, sort_levels
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 601, 32, generator=gen)
+    planes = lsh.hyperplanes(32, num_projs, 0, "cpu")
+    order, inverse = hash_and_sort(x, planes, 0.5, edges, inverse=True, chunk=chunk)
+    segments = None
+    if edges is not None:
+        positions = torch.arange(601)
+        segments = torch.stack(
+            [torch.searchsorted(torch.tensor(e), positions, right=True) - 1 for e in edges]
+        ).to(torch.int32)
+    n_segments = 1 if segments is None else int(segments.max()) + 1
+    ranks = lsh_rank(x, planes, 0.5)
+    expected, expected_inverse = sort_levels(
+        ranks, segments, num_projs, inverse=True, n_segments=n_segments
+    )
+    assert torch.equal(order, expected)
+    assert torch.equal(inverse, expected_inverse)
