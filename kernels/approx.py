@@ -287,7 +287,8 @@ def _approx_dkdv_block_kernel(
     PATTERN: tl.constexpr, CAUSAL_WINDOW: tl.constexpr, SEED_SELF: tl.constexpr,
 ):  # fmt: skip
     """dK/dV of one tile of a sortLSH key block: every query tile of its block(s), all heads of
-    the GQA group. DK/DV_OUT are contiguous fp32 [B, Hkv, Nk, D]."""
+    the GQA group. DK/DV_OUT are contiguous [B, Hkv, Nk, D], fp32 when ACCUMULATE (other
+    launches add to them), else any dtype (each key row has this one writer)."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // kv_heads
@@ -362,14 +363,14 @@ def _approx_dkdv_block_kernel(
     if ACCUMULATE:
         dk += tl.load(dk_ptrs, mask=dk_mask, other=0.0)
         dvacc += tl.load(dv_ptrs, mask=dv_mask, other=0.0)
-    tl.store(dk_ptrs, dk, mask=dk_mask)
-    tl.store(dv_ptrs, dvacc, mask=dv_mask)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=dk_mask)
+    tl.store(dv_ptrs, dvacc.to(DV_OUT.dtype.element_ty), mask=dv_mask)
 
 
 @triton.jit
 def _approx_dkdv_sample_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV_OUT,
-    QORD, KINV, SAMPLES, SUBS, TILES,
+    QORD, KINV, SAMPLES, SLOT, SUBS, TILES,
     sm_scale, qk_scale,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -381,10 +382,12 @@ def _approx_dkdv_sample_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ONLY_PAST: tl.constexpr, PRECISION: tl.constexpr,
-    PATTERN: tl.constexpr, CAUSAL_WINDOW: tl.constexpr,
+    PATTERN: tl.constexpr, CAUSAL_WINDOW: tl.constexpr, COMPACT: tl.constexpr,
 ):  # fmt: skip
     """dK/dV of a chunk of samples from one split of the sub-problem's sorted queries, added
-    atomically into fp32 DK/DV_OUT (a key may be drawn several times and by several splits)."""
+    atomically into fp32 DK/DV_OUT (a key may be drawn several times and by several splits).
+    COMPACT: DK/DV_OUT are [S, B, Hkv, m, D] rows per distinct sampled key (``SLOT``), which
+    ``_sample_merge_kernel`` adds into the real dK/dV once."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // kv_heads
@@ -437,8 +440,45 @@ def _approx_dkdv_sample_kernel(
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
 
-    kv_row = pid_bh.to(tl.int64) * n_keys
-    dk_ptrs = DK + kv_row * D + kpos[:, None].to(tl.int64) * D + d[None, :]
-    dv_ptrs = DV_OUT + kv_row * DV + kpos[:, None].to(tl.int64) * DV + dv[None, :]
+    if COMPACT:
+        base = ((s * batch + b) * kv_heads + hkv).to(tl.int64) * n_samples
+        dst = base + tl.load(SLOT + base + sc, mask=s_ok, other=0)
+    else:
+        dst = pid_bh.to(tl.int64) * n_keys + kpos
+    dk_ptrs = DK + dst[:, None] * D + d[None, :]
+    dv_ptrs = DV_OUT + dst[:, None] * DV + dv[None, :]
     tl.atomic_add(dk_ptrs, dk * sm_scale, mask=s_ok[:, None] & (d < D)[None, :])
     tl.atomic_add(dv_ptrs, dvacc, mask=s_ok[:, None] & (dv < DV)[None, :])
+
+
+@triton.jit
+def _sample_merge_kernel(
+    DK, DV_OUT, SDK, SDV, KEYS, SUBS,
+    batch, kv_heads, n_keys, n_samples,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dK/dV[key] += the summed sample gradients of each distinct sampled key, in fp32, one
+    rounding to DK's dtype (no two programs touch the same key: the keys are distinct)."""
+    s = tl.program_id(0)
+    u = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // kv_heads
+    hkv = pid_bh % kv_heads
+    k_off = tl.load(SUBS + s * 8 + 2)
+    slots = ((s * batch + b) * kv_heads + hkv).to(tl.int64) * n_samples + u
+    key = tl.load(KEYS + slots, mask=u < n_samples, other=-1)
+    ok = key >= 0
+    rows = pid_bh.to(tl.int64) * n_keys + k_off + key
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    k_mask = ok[:, None] & (d < D)[None, :]
+    v_mask = ok[:, None] & (dv < DV)[None, :]
+    k_ptrs = DK + rows[:, None] * D + d[None, :]
+    v_ptrs = DV_OUT + rows[:, None] * DV + dv[None, :]
+    dk = tl.load(k_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+    dk += tl.load(SDK + slots[:, None] * D + d[None, :], mask=k_mask, other=0.0)
+    dvv = tl.load(v_ptrs, mask=v_mask, other=0.0).to(tl.float32)
+    dvv += tl.load(SDV + slots[:, None] * DV + dv[None, :], mask=v_mask, other=0.0)
+    tl.store(k_ptrs, dk.to(DK.dtype.element_ty), mask=k_mask)
+    tl.store(v_ptrs, dvv.to(DV_OUT.dtype.element_ty), mask=v_mask)

@@ -31,6 +31,7 @@ from .approx import (
     _approx_dkdv_sample_kernel,
     _approx_dq_kernel,
     _approx_fwd_kernel,
+    _sample_merge_kernel,
 )
 from .exact import _diag_dkdv_kernel, _diag_dq_kernel, _diag_fwd_kernel
 from .hashing import (
@@ -392,8 +393,13 @@ def hyper_attention_backward(
     # dQ rows have one writer unless several launches add up (recursive, or with a pattern)
     dq_dtype = torch.float32 if diagonal or pattern_adds else q.dtype
     dq = torch.empty(batch, q_heads, nq, dim, dtype=dq_dtype, device=q.device)
-    dk = torch.empty(batch, kv_heads, nk, dim, dtype=torch.float32, device=q.device)
-    dv = torch.empty(batch, kv_heads, nk, dim_v, dtype=torch.float32, device=q.device)
+    # one level, no pattern: every key row has one writer (its block's program), so dK/dV are
+    # written in the input dtype and the samples' atomics go to a small fp32 buffer per
+    # distinct sampled key, merged once (``compact``); otherwise fp32 dK/dV that launches add to
+    compact = plan is not None and not diagonal and call.pattern is None
+    kv_dtype = k.dtype if compact else torch.float32
+    dk = torch.empty(batch, kv_heads, nk, dim, dtype=kv_dtype, device=q.device)
+    dv = torch.empty(batch, kv_heads, nk, dim_v, dtype=kv_dtype, device=q.device)
     common = (call.scale, call.scale * LOG2E, *call.strides(q, k, v, grad_out))
     kw = call.shape_kwargs(tune.bwd_warps)
 
@@ -426,14 +432,28 @@ def hyper_attention_backward(
             ACCUMULATE=diagonal, ONLY_PAST=plan.only_past, **call.exclusion_flags(), **kw,
         )  # fmt: skip
         if level.s_tiles.shape[0]:
+            sample_dk, sample_dv = dk, dv
+            if compact:
+                slots = level.samples.shape
+                sample_dk = torch.zeros(*slots, dim, dtype=torch.float32, device=q.device)
+                sample_dv = torch.zeros(*slots, dim_v, dtype=torch.float32, device=q.device)
             _approx_dkdv_sample_kernel[(level.s_tiles.shape[0], batch * kv_heads)](
-                q, k, v, grad_out, lse, delta, dk, dv, q_ord, k_inv, level.samples,
-                level.subs, level.s_tiles, *common,
+                q, k, v, grad_out, lse, delta, sample_dk, sample_dv, q_ord, k_inv,
+                level.samples, level.sample_slot, level.subs, level.s_tiles, *common,
                 batch, q_heads, kv_heads, nq, nk, n_samples, call.cfg.block_size,
                 level.q_split, *call.exclusion_args(),
                 BLOCK_M=tune.bwd_block_m, BLOCK_N=tune.block_n, ONLY_PAST=plan.only_past,
-                PATTERN=call.pattern is not None, CAUSAL_WINDOW=is_causal, **kw,
+                PATTERN=call.pattern is not None, CAUSAL_WINDOW=is_causal, COMPACT=compact,
+                **kw,
             )  # fmt: skip
+            if compact:
+                grid = (level.subs.shape[0], triton.cdiv(n_samples, tune.block_n), batch * kv_heads)
+                _sample_merge_kernel[grid](
+                    dk, dv, sample_dk, sample_dv, level.sample_keys, level.subs,
+                    batch, kv_heads, nk, n_samples,
+                    D=dim, DV=dim_v, BLOCK_D=kw["BLOCK_D"], BLOCK_DV=kw["BLOCK_DV"],
+                    BLOCK_N=tune.block_n, num_warps=kw["num_warps"],
+                )  # fmt: skip
     if call.pattern is not None:
         _pattern_backward(call, common, kw, lse, delta, grad_out, dq, dk, dv,
                           accumulate=diagonal or pattern_adds)  # fmt: skip

@@ -39,6 +39,9 @@ class Level:
         k_tiles: [T2, 3] int32 (sub, key block, sub-tile): dk/dv programs of the LSH blocks.
         s_tiles: [T3, 3] int32 (sub, sample chunk, query split): dk/dv programs of the samples.
         samples: [S, B, Hkv, m] int32 local key indices of each sub-problem's samples.
+        sample_slot: [S, B, Hkv, m] int32 index of each sample's key in ``sample_keys``.
+        sample_keys: [S, B, Hkv, m] int32 the distinct sampled keys (local), padded with -1:
+            the backward sums each distinct key's gradient once (samples repeat).
         q_split: queries per split in ``s_tiles`` (a multiple of the row block).
     """
 
@@ -47,6 +50,8 @@ class Level:
     k_tiles: torch.Tensor
     s_tiles: torch.Tensor
     samples: torch.Tensor
+    sample_slot: torch.Tensor
+    sample_keys: torch.Tensor
     q_split: int
 
 
@@ -116,15 +121,23 @@ def _level(rows, cfg, batch, kv_heads, device, block_m, block_n, n_sm) -> Level:
         k_tiles += [(s, b, u) for b in range(k_blocks) for u in range(k_sub)]
         if m:
             s_tiles += [(s, c, p) for c in range(chunks) for p in range(math.ceil(nq / q_split))]
-    samples = []
+    samples, slots, distinct = [], [], []
     for q_off, _, k_off, nk, *_ in rows:
+        idx = torch.zeros(batch, 1, m, dtype=torch.int64)
         if m:
             tag = lsh.subproblem_tag(q_off, k_off)
             # as the reference: one sample set per batch row, shared by every head
             idx = lsh.sample_indices(cfg.seed, tag, (batch, 1, m), nk, "cpu")
-            samples.append(idx.expand(batch, kv_heads, m))
-        else:
-            samples.append(torch.zeros(batch, kv_heads, 0, dtype=torch.int64))
+        slot, keys = torch.empty_like(idx), torch.full_like(idx, -1)
+        for b in range(batch):
+            unique, inverse = torch.unique(idx[b, 0], return_inverse=True)
+            slot[b, 0], keys[b, 0, : unique.numel()] = inverse, unique
+        samples.append(idx.expand(batch, kv_heads, m))
+        slots.append(slot.expand(batch, kv_heads, m))
+        distinct.append(keys.expand(batch, kv_heads, m))
+
+    def stacked(x):
+        return torch.stack(x).to(torch.int32).to(device)
 
     def table(x):
         return torch.tensor(x, dtype=torch.int32).reshape(-1, 3).to(device)
@@ -134,7 +147,9 @@ def _level(rows, cfg, batch, kv_heads, device, block_m, block_n, n_sm) -> Level:
         q_tiles=table(q_tiles),
         k_tiles=table(k_tiles),
         s_tiles=table(s_tiles),
-        samples=torch.stack(samples).to(torch.int32).to(device),
+        samples=stacked(samples),
+        sample_slot=stacked(slots),
+        sample_keys=stacked(distinct),
         q_split=q_split,
     )
 
