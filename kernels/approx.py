@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import FLOOR, _exact_elsewhere, _load_rows, _softmax_step
+from .common import FLOOR, _exact_elsewhere, _load_rows, _softmax_step, _store_out_lse
 
 
 @triton.jit
@@ -157,15 +157,7 @@ def _approx_fwd_kernel(
         scores = tl.where(keep, scores, float("-inf"))
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, scores, v, PRECISION)
 
-    nonempty = l_i > 0
-    safe_l = tl.where(nonempty, l_i, 1.0)
-    out = acc / safe_l[:, None]
-    lse = tl.where(nonempty, (m_i + tl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
-    o_offs = qpos[:, None].to(tl.int64) * stride_on + dv[None, :]
-    tl.store(
-        o_base + o_offs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :]
-    )
-    tl.store(lse_base + qpos, lse, mask=row_ok)
+    _store_out_lse(o_base, lse_base, qpos, row_ok, stride_on, dv, DV, acc, l_i, m_i)
 
 
 @triton.jit

@@ -8,7 +8,9 @@ Same semantics as :func:`hyperpass.reference.hyper_attention_reference` (the ora
    causal recursive: one launch per level (each merging into an fp32 accumulator), then one
    launch of the exact diagonal leaves that merges everything and writes the output;
 3. backward: recompute (out, lse), then dQ/dK/dV with the merged lse: per level three launches
-   (dQ, dK/dV of the blocks, dK/dV of the samples), plus two for the diagonal leaves.
+   (dQ, dK/dV of the blocks, dK/dV of the samples), plus two for the diagonal leaves; with one
+   level and no pattern, dK/dV are written in the input dtype and one more launch merges the
+   samples' fp32 gradients (one row per distinct sampled key) into them.
 4. window/dilation/sinks (``pattern.py``): one more launch merges the exact pattern part (and
    two or three in the backward); the pattern-only methods run only that launch, unhashed.
 5. ``method="select"`` (``select.py``): block scores and top-k in torch, then one fused launch

@@ -49,3 +49,17 @@ def _softmax_step(acc, l_i, m_i, scores, v, PRECISION: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _store_out_lse(o_base, lse_base, rows, row_ok, stride_on, dv, DV, acc, l_i, m_i):
+    """Final rows of a forward: out = acc / l in O's dtype at ``rows`` of ``o_base`` and the
+    natural-log lse at ``lse_base + rows`` (-inf for a row that saw no key, with out = 0)."""
+    nonempty = l_i > 0
+    safe_l = tl.where(nonempty, l_i, 1.0)
+    out = acc / safe_l[:, None]
+    lse = tl.where(nonempty, (m_i + tl.log2(safe_l)) * LN2, float("-inf"))
+    o_offs = rows[:, None].to(tl.int64) * stride_on + dv[None, :]
+    mask = row_ok[:, None] & (dv < DV)[None, :]
+    tl.store(o_base + o_offs, out.to(o_base.dtype.element_ty), mask=mask)
+    tl.store(lse_base + rows, lse, mask=row_ok)

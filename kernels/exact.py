@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import FLOOR, _load_rows
+from .common import FLOOR, _load_rows, _softmax_step, _store_out_lse
 
 
 @triton.jit
@@ -31,12 +31,7 @@ def _diag_fwd_range(
         if MASKED:
             keep = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= start[:, None])
             scores = tl.where(keep & col_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, scores, v, PRECISION)
     return acc, l_i, m_i
 
 
@@ -102,15 +97,8 @@ def _diag_fwd_kernel(
         d, dv, qk_scale, D, DV, BLOCK_N, True, PRECISION,
     )  # fmt: skip
 
-    nonempty = l_i > 0
-    safe_l = tl.where(nonempty, l_i, 1.0)
-    out = acc / safe_l[:, None]
-    lse = tl.where(nonempty, (m_i + tl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
     o_base = OUT + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh
-    o_offs = rows[:, None].to(tl.int64) * stride_on + dv[None, :]
-    mask = row_ok[:, None] & (dv < DV)[None, :]
-    tl.store(o_base + o_offs, out.to(OUT.dtype.element_ty), mask=mask)
-    tl.store(lse_base + rows, lse, mask=row_ok)
+    _store_out_lse(o_base, lse_base, rows, row_ok, stride_on, dv, DV, acc, l_i, m_i)
 
 
 @triton.jit

@@ -160,9 +160,7 @@ def _scatter_kernel(
             tl.store(INVERSE + line + position, dest, mask=valid)
 
 
-def lsh_rank(
-    x: torch.Tensor, planes: torch.Tensor, scale: float, block: int = 64, warps: int = 4
-) -> torch.Tensor:
+def lsh_rank(x: torch.Tensor, planes: torch.Tensor, scale: float) -> torch.Tensor:
     """Gray-code rank [B, H, N] int32 of the rows of ``x * scale``; x [B, H, N, D]."""
     batch, heads, n, dim = x.shape
     if x.stride(-1) != 1:
@@ -170,6 +168,7 @@ def lsh_rank(
     num_projs = planes.shape[1]
     ranks = torch.empty(batch, heads, n, dtype=torch.int32, device=x.device)
     n_shifts = max(0, (num_projs - 1).bit_length())
+    block = 64
     grid = (triton.cdiv(n, block), batch * heads)
     _rank_kernel[grid](
         x,
@@ -186,7 +185,6 @@ def lsh_rank(
         R=num_projs,
         N_SHIFTS=n_shifts,
         BLOCK=block,
-        num_warps=warps,
     )
     return ranks
 

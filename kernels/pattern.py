@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import FLOOR, _in_window, _load_rows, _softmax_step
+from .common import FLOOR, _in_window, _load_rows, _softmax_step, _store_out_lse
 
 LIMIT_ALL, LIMIT_PAST, LIMIT_LEAF = 0, 1, 2
 
@@ -137,15 +137,8 @@ def _pattern_fwd_kernel(
         scores = tl.where(keep, scores, float("-inf"))
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, scores, v, PRECISION)
 
-    nonempty = l_i > 0
-    safe_l = tl.where(nonempty, l_i, 1.0)
-    out = acc / safe_l[:, None]
-    lse = tl.where(nonempty, (m_i + tl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
     o_base = OUT + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh
-    o_offs = rows[:, None].to(tl.int64) * stride_on + dv[None, :]
-    tl.store(o_base + o_offs, out.to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & (dv < DV)[None, :])  # fmt: skip
-    tl.store(lse_base + rows, lse, mask=row_ok)
+    _store_out_lse(o_base, lse_base, rows, row_ok, stride_on, dv, DV, acc, l_i, m_i)
 
 
 @triton.jit

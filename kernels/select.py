@@ -31,7 +31,7 @@ import triton.language as tl
 from hyperpass import lsh
 from hyperpass.config import HyperConfig
 
-from .common import FLOOR, _load_rows
+from .common import FLOOR, _load_rows, _softmax_step, _store_out_lse
 
 LOG2E = 1.4426950408889634
 _BOUND_ELEMENTS = 1 << 26  # bound scores per chunk of query blocks (256 MiB in fp32)
@@ -115,13 +115,17 @@ def _visit(acc, l_i, m_i, dq, q, do, lse2, delta, k_base, v_base, dk_base, dv_ba
         tl.atomic_add(v_ptrs, dvt, mask=col_ok[:, None] & (dv < DV)[None, :], sem="relaxed")
     else:
         scores = tl.where(keep, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, scores, v, PRECISION)
     return acc, l_i, m_i, dq
+
+
+@triton.jit
+def _outside_span(cols, lo, hi, CAUSAL: tl.constexpr):
+    """Keys outside the local span [lo, hi) (causal: only before it; later keys are future)."""
+    outside = cols < lo
+    if not CAUSAL:
+        outside = outside | (cols >= hi)
+    return outside
 
 
 @triton.jit
@@ -200,10 +204,7 @@ def _select_kernel(
     for c0 in range(0, n_sinks, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < n_sinks
-        outside = cols < lo
-        if not CAUSAL:
-            outside = outside | (cols >= hi)
-        keep = (col_ok & outside)[None, :] & (rows[:, None] >= 0)
+        keep = (col_ok & _outside_span(cols, lo, hi, CAUSAL))[None, :] & (rows[:, None] >= 0)
         acc, l_i, m_i, dq = _visit(acc, l_i, m_i, dq, q, do, lse2, delta, k_base, v_base,
                                    dk_base, dv_base, rows, row_ok, cols, col_ok, keep, 0.0,
                                    stride_kn, stride_vn, sm_scale, qk_scale, d, dv, D, DV,
@@ -227,10 +228,7 @@ def _select_kernel(
         idx = s0 + tl.arange(0, BLOCK_N)
         in_range = idx < n_samples
         cols = tl.load(SAMPLES + b.to(tl.int64) * n_samples + idx, mask=in_range, other=0)
-        outside = cols < lo
-        if not CAUSAL:
-            outside = outside | (cols >= hi)
-        use = in_range & outside & (cols >= n_sinks)
+        use = in_range & _outside_span(cols, lo, hi, CAUSAL) & (cols >= n_sinks)
         sample_block = cols // KB
         for j in range(topk):
             use = use & (sample_block != tl.load(blocks + j))
@@ -245,15 +243,8 @@ def _select_kernel(
         tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty),
                  mask=row_ok[:, None] & (d < D)[None, :])  # fmt: skip
     else:
-        nonempty = l_i > 0
-        safe_l = tl.where(nonempty, l_i, 1.0)
-        out = acc / safe_l[:, None]
-        lse = tl.where(nonempty, (m_i + tl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
         o_base = OUT + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh
-        o_offs = rows[:, None].to(tl.int64) * stride_on + dv[None, :]
-        tl.store(o_base + o_offs, out.to(OUT.dtype.element_ty),
-                 mask=row_ok[:, None] & (dv < DV)[None, :])  # fmt: skip
-        tl.store(LSE + row_base + rows, lse, mask=row_ok)
+        _store_out_lse(o_base, LSE + row_base, rows, row_ok, stride_on, dv, DV, acc, l_i, m_i)
 
 
 # ----------------------------------------------------------------------------- launchers
