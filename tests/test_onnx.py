@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from configs import PAPER_ALGO
+from configs import SMALL_HYPER
 
 import hyperpass
 from hyperpass import deploy_attrs
@@ -19,14 +19,7 @@ ort = pytest.importorskip("onnxruntime")
 hyperpass_onnx = pytest.importorskip("hyperpass.onnx")
 
 HEAD_DIM = 8
-LONG = dict(
-    **PAPER_ALGO,
-    min_len=16,
-    block_size=16,
-    sample_size=16,
-    min_seq_len=32,
-    seed=3,
-)
+LONG = dict(SMALL_HYPER, seed=3)
 SHORT = dict(min_len=1 << 20)
 
 

@@ -16,7 +16,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from configs import PAPER_ALGO
+from configs import SMALL_HYPER
 
 import hyperpass
 from hyperpass import deploy_attrs
@@ -30,14 +30,7 @@ needs_tensorrt = pytest.mark.skipif(
     not (HAS_TENSORRT and torch.cuda.is_available()),
     reason=f"needs a CUDA GPU and {hp_trt.SUPPORTED}",
 )
-LONG = dict(
-    **PAPER_ALGO,
-    min_len=16,
-    block_size=16,
-    sample_size=16,
-    min_seq_len=32,
-    seed=1,
-)
+LONG = dict(SMALL_HYPER, seed=1)
 ONNX_TYPES = {int: onnx.AttributeProto.INT, float: onnx.AttributeProto.FLOAT}
 
 
