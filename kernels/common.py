@@ -58,7 +58,7 @@ def _store_out_lse(o_base, lse_base, rows, row_ok, stride_on, dv, DV, acc, l_i, 
     nonempty = l_i > 0
     safe_l = tl.where(nonempty, l_i, 1.0)
     out = acc / safe_l[:, None]
-    lse = tl.where(nonempty, (m_i + tl.log2(safe_l)) * LN2, float("-inf"))
+    lse = tl.where(nonempty, (m_i + tl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
     o_offs = rows[:, None].to(tl.int64) * stride_on + dv[None, :]
     mask = row_ok[:, None] & (dv < DV)[None, :]
     tl.store(o_base + o_offs, out.to(o_base.dtype.element_ty), mask=mask)
