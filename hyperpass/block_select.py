@@ -104,6 +104,14 @@ def _sinks_part(q, k, v, spans: _LocalSpans, sinks: int):
 
 def _select_blocks(q: Tensor, k: Tensor, spans: _LocalSpans, cfg: HyperConfig):
     """Indices [B, Hkv, G, n_qblocks, topk] of the selected key blocks (-1: none)."""
+    block_bound = _block_bounds(q, k, spans, cfg)
+    top = block_bound.topk(min(cfg.select_topk, spans.n_kblocks), dim=-1)
+    return torch.where(torch.isfinite(top.values), top.indices, -1)
+
+
+def _block_bounds(q: Tensor, k: Tensor, spans: _LocalSpans, cfg: HyperConfig):
+    """[B, Hkv, G, n_qblocks, n_kblocks]: each query block's bound on each key block, -inf
+    where the key block is not a candidate."""
     kb, n_kb = spans.kb, spans.n_kblocks
     keys = pad_rows(k, n_kb * kb).unflatten(-2, (n_kb, kb))  # [B,Hkv,nkb,kb,D]
     valid = (torch.arange(n_kb * kb, device=k.device) < spans.nk).view(n_kb, kb, 1)
@@ -120,9 +128,7 @@ def _select_blocks(q: Tensor, k: Tensor, spans: _LocalSpans, cfg: HyperConfig):
     before = block_end <= spans.block_lo.unsqueeze(-1)  # wholly before the local span
     after = block_start >= spans.block_hi.unsqueeze(-1)
     candidate = (before | (after & (not spans.causal))) & (block_end > cfg.sinks)
-    block_bound = block_bound.masked_fill(~candidate, float("-inf"))
-    top = block_bound.topk(min(cfg.select_topk, n_kb), dim=-1)
-    return torch.where(torch.isfinite(top.values), top.indices, -1)
+    return block_bound.masked_fill(~candidate, float("-inf"))
 
 
 def _selected_part(q, k, v, spans: _LocalSpans, cfg: HyperConfig, blocks: Tensor):

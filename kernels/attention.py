@@ -167,6 +167,7 @@ class _Call:
     q_order: torch.Tensor | None  # [L, B, Hq, Nq] int32
     k_order: torch.Tensor | None  # [L, B, Hkv, Nk] int32
     k_inverse: torch.Tensor | None  # [L, B, Hkv, Nk] int32
+    causal: bool = False
 
     @property
     def group(self) -> int:
@@ -226,13 +227,13 @@ def _setup(q, k, v, is_causal: bool, scale: float | None, cfg: HyperConfig) -> _
     tune = tuning_for(max(dim, v.shape[-1]), q.dtype)
     pattern = _pattern_of(nq, nk, is_causal, cfg)
     if not cfg.uses_lsh:
-        return _Call(q, k, v, scale, cfg, None, tune, pattern, None, None, None)
+        return _Call(q, k, v, scale, cfg, None, tune, pattern, None, None, None, is_causal)
     plan = make_plan(
         nq, nk, is_causal, cfg, batch, kv_heads, q.device,
         tune.block_m, tune.block_n, _num_sms(q.device),
     )  # fmt: skip
     if not plan.levels:  # one exact causal leaf: no part but the diagonal, nothing to hash
-        return _Call(q, k, v, scale, cfg, plan, tune, None, None, None, None)
+        return _Call(q, k, v, scale, cfg, plan, tune, None, None, None, None, is_causal)
     planes = planes_for(dim, cfg.lsh_num_projs, cfg.seed, q.device)
     if counting_sort_supported(cfg.lsh_num_projs):
         q_order, _ = hash_and_sort(q, planes, scale, plan.edges)
@@ -243,7 +244,7 @@ def _setup(q, k, v, is_causal: bool, scale: float | None, cfg: HyperConfig) -> _
         k_order, k_inverse = sort_levels(
             lsh_rank(k, planes, 1.0), plan.segments, r, inverse=True, n_segments=n_seg
         )
-    return _Call(q, k, v, scale, cfg, plan, tune, pattern, q_order, k_order, k_inverse)
+    return _Call(q, k, v, scale, cfg, plan, tune, pattern, q_order, k_order, k_inverse, is_causal)
 
 
 def _samples(level) -> torch.Tensor:
@@ -263,8 +264,57 @@ def hyper_attention_forward(q, k, v, *, is_causal: bool, scale: float | None, co
     """
     if config.method == "select":
         return select_forward(q, k, v, is_causal=is_causal, scale=scale, config=config)
-    call = _setup(q, k, v, is_causal, scale, config)
-    return _forward(call)
+    groups = head_groups(q, k, v, is_causal, config, backward=False)
+    if len(groups) == 1:
+        return _forward(_setup(q, k, v, is_causal, scale, config))
+    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    for kv_heads, q_heads in groups:
+        call = _setup(q[:, q_heads], k[:, kv_heads], v[:, kv_heads], is_causal, scale, config)
+        out_g, lse_g = _forward(call)
+        out[:, q_heads], lse[:, q_heads] = out_g, lse_g
+        del call, out_g, lse_g  # the next group reuses the memory
+    return out, lse
+
+
+# ----------------------------------------------------------------------------- head groups
+# fp32 scratch (accumulators, gradients and a group's hash orders) allowed at once, as a multiple
+# of the bytes of q; the other heads wait for a later group. Measured (H100, paper setting, causal
+# 131072, benchmarks/bench_head_groups.py): 4.0 keeps the forward in one group and splits the
+# backward in 3 (2% slower, 1826 vs 2586 MB; SDPA 1932); every group more costs ~0.7 ms
+GROUP_BUDGET = 4.0
+
+
+def head_groups(q, k, v, is_causal: bool, cfg: HyperConfig, backward: bool):
+    """[(kv head slice, q head slice)]: the heads computed together.
+
+    Launches that add into one output row (the causal recursion's levels and leaves, or an
+    approximation plus a window/sinks pattern) need fp32 accumulators of the output (and of
+    dQ/dK/dV in the backward). Heads are independent, so they run in groups small enough that
+    those buffers stay within ``GROUP_BUDGET`` x the bytes of q; one group (no copies) when
+    nothing accumulates or it all fits. Grouping changes no result: every launch is per head.
+    """
+    batch, q_heads, nq, dim = q.shape
+    kv_heads, nk, dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    recursive = is_causal and cfg.causal_algo == "recursive" and nq > cfg.min_seq_len
+    pattern = cfg.window > 0 or cfg.sinks > 0
+    if not cfg.uses_lsh or not (recursive or pattern) or kv_heads == 1:
+        return [(slice(0, kv_heads), slice(0, q_heads))]
+    group = q_heads // kv_heads
+    levels = max(1, math.ceil(math.log2(max(nq / cfg.min_seq_len, 1)))) if recursive else 1
+    rows = batch * group * nq  # query rows per KV head
+    orders = 4 * levels * batch * (group * nq + 2 * nk)  # int32 sort orders and inverses
+    if backward:  # fp32 dQ, dK, dV, the recomputed output and its accumulator
+        per_head = 4 * rows * (dim + 2 * dim_v) + 4 * batch * nk * (dim + dim_v)
+    else:  # the fp32 accumulator and the group's output
+        per_head = 4 * rows * dim_v
+    per_head += q.element_size() * rows * dim_v + orders
+    budget = GROUP_BUDGET * q.numel() * q.element_size()
+    size = kv_heads if budget >= kv_heads * per_head else max(1, int(budget // per_head))
+    return [
+        (slice(h, min(h + size, kv_heads)), slice(h * group, min(h + size, kv_heads) * group))
+        for h in range(0, kv_heads, size)
+    ]
 
 
 def _forward(call: _Call):
@@ -377,7 +427,22 @@ def hyper_attention_backward(
     """
     if config.method == "select":
         return select_backward(grad_out, q, k, v, is_causal=is_causal, scale=scale, config=config)
-    call = _setup(q, k, v, is_causal, scale, config)
+    groups = head_groups(q, k, v, is_causal, config, backward=True)
+    if len(groups) == 1:
+        call = _setup(q, k, v, is_causal, scale, config)
+        grads = _backward(call, grad_out)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True))
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    for kv_heads, q_heads in groups:
+        call = _setup(q[:, q_heads], k[:, kv_heads], v[:, kv_heads], is_causal, scale, config)
+        dq_g, dk_g, dv_g = _backward(call, grad_out[:, q_heads])
+        dq[:, q_heads], dk[:, kv_heads], dv[:, kv_heads] = dq_g, dk_g, dv_g
+        del call, dq_g, dk_g, dv_g  # the next group reuses the memory
+    return dq, dk, dv
+
+
+def _backward(call: _Call, grad_out):
+    """(dq, dk, dv) of one call, fp32 where several launches add into them."""
     out, lse = _forward(call)
     q, k, v, plan, tune = call.q, call.k, call.v, call.plan, call.tune
     grad_out = _last_dim_contiguous(grad_out)
@@ -445,7 +510,7 @@ def hyper_attention_backward(
                 batch, q_heads, kv_heads, nq, nk, n_samples, call.cfg.block_size,
                 level.q_split, *call.exclusion_args(),
                 BLOCK_M=tune.bwd_block_m, BLOCK_N=tune.block_n, ONLY_PAST=plan.only_past,
-                PATTERN=call.pattern is not None, CAUSAL_WINDOW=is_causal, COMPACT=compact,
+                PATTERN=call.pattern is not None, CAUSAL_WINDOW=call.causal, COMPACT=compact,
                 **kw,
             )  # fmt: skip
             if compact:
@@ -459,7 +524,7 @@ def hyper_attention_backward(
     if call.pattern is not None:
         _pattern_backward(call, common, kw, lse, delta, grad_out, dq, dk, dv,
                           accumulate=diagonal or pattern_adds)  # fmt: skip
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv
 
 
 def _pattern_backward(call: _Call, common, kw, lse, delta, grad_out, dq, dk, dv, accumulate):

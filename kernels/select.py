@@ -2,11 +2,11 @@
 
 Same semantics as :mod:`hyperpass.block_select` (the oracle). One call:
 
-1. ``select_blocks`` (torch, chunked over query blocks): per key block of ``select_block`` keys
-   the per-channel min/max of K, the bound ``relu(q) . kmax + min(q, 0) . kmin`` of every query
-   (pre-scaled) against every key block, its max over each query block, the candidates masked,
-   ``torch.topk``: block ids [B, Hq, n_qblocks, topk] (-1: none). The bound costs
-   ``Nq * Nk / select_block`` dot products per head, the chunks bound its memory.
+1. ``select_blocks`` (``block_bound.py``): per key block of ``select_block`` keys the
+   per-channel min/max of K; a Triton kernel bounds every query (pre-scaled) against every key
+   block, keeps the max over each query block and masks the non-candidates; ``torch.topk``:
+   block ids [B, Hq, n_qblocks, topk] (-1: none). ``Nq * Nk / select_block`` dot products per
+   head on tensor cores; only the per-query-block bounds reach memory, in chunks.
 2. ``_select_kernel`` (forward): one program per tile of rows of one query block and one query
    head; one online softmax over its local span (contiguous key tiles), the sinks outside it, its
    selected blocks (read by block id from K/V, no copies) and the samples (score + log2(n/m),
@@ -31,61 +31,10 @@ import triton.language as tl
 from hyperpass import lsh
 from hyperpass.config import HyperConfig
 
+from .block_bound import select_blocks
 from .common import FLOOR, _load_rows, _softmax_step, _store_out_lse
 
 LOG2E = 1.4426950408889634
-_BOUND_ELEMENTS = 1 << 26  # bound scores per chunk of query blocks (256 MiB in fp32)
-
-
-# ----------------------------------------------------------------------------- selection
-def select_blocks(q, k, scale: float, cfg: HyperConfig, causal: bool) -> torch.Tensor:
-    """Ids of the selected key blocks, as ``hyperpass.block_select._select_blocks``.
-
-    Args:
-        q: [B, Hq, Nq, D] (unscaled); k: [B, Hkv, Nk, D].
-
-    Returns:
-        int32 [B, Hq, n_qblocks, topk], -1 where a query block has fewer candidates.
-    """
-    batch, q_heads, nq, dim = q.shape
-    kv_heads, nk = k.shape[1], k.shape[2]
-    group = q_heads // kv_heads
-    qb, kb = cfg.query_block, cfg.select_block
-    n_qb, n_kb = math.ceil(nq / qb), math.ceil(nk / kb)
-    topk = min(cfg.select_topk, n_kb)
-    acc = torch.promote_types(q.dtype, torch.float32)
-
-    keys = torch.nn.functional.pad(k.to(acc), (0, 0, 0, n_kb * kb - nk)).unflatten(-2, (n_kb, kb))
-    valid = (torch.arange(n_kb * kb, device=k.device) < nk).view(n_kb, kb, 1)
-    kmax = keys.masked_fill(~valid, float("-inf")).amax(-2).unsqueeze(2)  # [B,Hkv,1,nkb,D]
-    kmin = keys.masked_fill(~valid, float("inf")).amin(-2).unsqueeze(2)
-    del keys
-
-    starts = torch.arange(n_qb, device=q.device) * qb
-    block_lo = ((starts + qb - cfg.window).clamp(min=0) // kb) * kb
-    block_hi = (torch.div(starts + cfg.window + kb - 1, kb, rounding_mode="floor") * kb).clamp(
-        max=nk
-    )
-    block_start = torch.arange(n_kb, device=k.device) * kb
-    block_end = (block_start + kb).clamp(max=nk)
-    before = block_end <= block_lo.unsqueeze(-1)  # [nqb, nkb]
-    after = block_start >= block_hi.unsqueeze(-1)
-    candidate = (before | (after & (not causal))) & (block_end > cfg.sinks)
-
-    qg = q.view(batch, kv_heads, group, nq, dim)
-    out = torch.empty(batch, kv_heads, group, n_qb, topk, dtype=torch.int32, device=q.device)
-    step = max(1, _BOUND_ELEMENTS // max(1, batch * q_heads * qb * n_kb))  # query blocks
-    for first in range(0, n_qb, step):
-        last = min(first + step, n_qb)
-        rows = qg[..., first * qb : min(last * qb, nq), :].to(acc) * scale
-        bound = rows.clamp(min=0) @ kmax.mT + rows.clamp(max=0) @ kmin.mT  # [B,Hkv,G,r,nkb]
-        pad = (last - first) * qb - rows.shape[-2]  # padded queries: below every bound
-        bound = torch.nn.functional.pad(bound, (0, 0, 0, pad), value=float("-inf"))
-        block_bound = bound.unflatten(-2, (last - first, qb)).amax(-2)
-        block_bound = block_bound.masked_fill(~candidate[first:last], float("-inf"))
-        top = block_bound.topk(topk, dim=-1)
-        out[..., first:last, :] = torch.where(torch.isfinite(top.values), top.indices, -1)
-    return out.view(batch, q_heads, n_qb, topk)
 
 
 # ----------------------------------------------------------------------------- kernel

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hyperpass.kernels.select import select_blocks
+from hyperpass.kernels.block_bound import select_blocks
 from test_kernels import _check, _inputs, poisoned  # noqa: F401
 
 from hyperpass import kernels
@@ -60,17 +60,47 @@ def test_select_query_block_32_topk_beyond_candidates():
     _check(*_inputs(1, 2, 1, 96, 96, 64, torch.float32), is_causal=True, cfg=cfg)
 
 
-def test_selected_blocks_match_the_reference():
-    """The torch selection (chunked over query blocks) picks the reference's blocks."""
+@pytest.mark.parametrize(
+    "params,shape,scale",
+    [
+        (dict(sinks=20, select_topk=3), (1, 4, 2, 150, 150, 64), 0.125),
+        (dict(query_block=48, select_block=96, window=100, select_topk=2),
+         (2, 2, 1, 301, 301, 64), 0.3),
+        (dict(query_block=128, select_block=128, window=128, select_topk=2, sinks=3),
+         (1, 2, 2, 700, 700, 32), 0.2),
+        (dict(sinks=1, select_topk=4), (1, 3, 1, 83, 250, 128), -0.1),
+        (dict(select_topk=70, select_block=16, window=16), (1, 1, 1, 1200, 1200, 32), 0.2),
+    ],
+    ids=[
+        "qb16-gqa2", "qb48-odd-batch2", "qb128-two-row-steps", "gqa3-nq83-nk250-negative-scale",
+        "topk70-beyond-registers",
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_selected_blocks_match_the_reference(params, shape, scale, dtype, monkeypatch):
+    """The bound kernel picks the reference's blocks: top-k in registers (top-k <= 64), or the
+    bounds written for ``torch.topk`` (top-k 70), also chunked over query blocks (a tiny chunk
+    budget forces several chunks)."""
+    from hyperpass.kernels import block_bound
+
     from hyperpass.block_select import _LocalSpans, _select_blocks
 
-    cfg = SELECT.replace(sinks=20, select_topk=3)
-    q, k, _, _ = _inputs(1, 4, 2, 150, 150, 64, torch.float32)
-    for causal in (False, True):
-        ours = select_blocks(q, k, 0.125, cfg, causal)
-        spans = _LocalSpans(150, 150, cfg, causal, q.device)
-        ref = _select_blocks((q * 0.125).view(1, 2, 2, 150, 64), k, spans, cfg)
-        assert torch.equal(ours.long(), ref.reshape(ours.shape))
+    cfg = SELECT.replace(**params)
+    batch, q_heads, kv_heads, nq, nk, dim = shape
+    q, k, _, _ = _inputs(*shape, dtype)
+    group = q_heads // kv_heads
+    for causal, budget in ((False, 1 << 24), (True, 1 << 24), (True, 1)):
+        if causal and nq != nk:
+            continue
+        monkeypatch.setattr(block_bound, "_BOUND_ELEMENTS", budget)
+        ours = select_blocks(q, k, scale, cfg, causal)
+        spans = _LocalSpans(nq, nk, cfg, causal, q.device)
+        scaled = (q.float() * scale).view(batch, kv_heads, group, nq, dim)
+        ref = _select_blocks(scaled, k.float(), spans, cfg).reshape(ours.shape)
+        assert ours.dtype == torch.int32
+        # ties may come in another order: compare the sets of blocks per query block
+        assert torch.equal(ours.long().sort(-1).values, ref.sort(-1).values), (causal, budget)
+        assert (ours >= 0).any()
 
 
 def test_select_is_served():

@@ -157,6 +157,49 @@ def test_fp16_noncausal_forward():
     _check(*_inputs(1, 3, 1, 75, 75, 64, torch.float16), is_causal=False, cfg=SMALL, backward=False)
 
 
+@pytest.mark.parametrize(
+    "is_causal,change,shape",
+    [
+        (True, dict(), (2, 4, 2, 80, 80, 64)),
+        (False, dict(window=12, sinks=3), (1, 4, 4, 70, 90, 64)),
+    ],
+    ids=["causal-recursive-batch2-gqa2", "noncausal-window-sinks"],
+)  # fmt: skip
+def test_head_groups_change_nothing(is_causal, change, shape, monkeypatch):
+    """Where launches accumulate in fp32, heads run in groups that bound the scratch memory:
+    one KV head per group gives bit-identical outputs and gradients, correct vs the oracle."""
+    from hyperpass.kernels import attention
+
+    cfg = SMALL.replace(**change)
+    q, k, v, grad = _inputs(*shape, torch.float32)
+    kw = dict(is_causal=is_causal, scale=None, config=cfg)
+    whole = kernels.hyper_attention_forward(q, k, v, **kw)
+    whole += kernels.hyper_attention_backward(grad, q, k, v, **kw)
+    monkeypatch.setattr(attention, "GROUP_BUDGET", 1e-9)
+    assert len(attention.head_groups(q, k, v, is_causal, cfg, backward=True)) == shape[2]
+    grouped = kernels.hyper_attention_forward(q, k, v, **kw)
+    grouped += kernels.hyper_attention_backward(grad, q, k, v, **kw)
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], whole, grouped, strict=True):
+        assert torch.equal(a, b), name
+    _check(q, k, v, grad, is_causal=is_causal, cfg=cfg)
+
+
+def test_head_groups_only_where_launches_accumulate():
+    from hyperpass.kernels.attention import head_groups
+
+    q, k, v, _ = _inputs(1, 8, 8, 64, 64, 64, torch.float32)
+    big = SMALL.replace(min_seq_len=16)  # recursive: fp32 accumulators
+    assert len(head_groups(q, k, v, False, SMALL, backward=True)) == 1  # one writer per row
+    assert len(head_groups(q, k, v, True, SMALL.replace(causal_algo="flat"), True)) == 1
+    groups = head_groups(q, k, v, True, big, backward=True)
+    assert len(groups) > 1  # recursive: the backward's fp32 scratch exceeds 4x q's bytes
+    # the groups cover every KV head once, each with its own query heads
+    assert [h for kv, _ in groups for h in range(8)[kv]] == list(range(8))
+    assert all(range(8)[qh] == range(8)[kv] for kv, qh in groups)  # group of 1 query head
+    forward = head_groups(q, k, v, True, big, backward=False)
+    assert len(forward) < len(groups)  # the forward keeps less scratch per head
+
+
 # ----------------------------------------------------------------------------- pieces
 def test_ranks_match_lsh():
     from hyperpass.kernels.hashing import lsh_rank
