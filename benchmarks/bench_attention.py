@@ -105,7 +105,7 @@ def implementations(setting: dict, causal: bool, patterns: bool = False):
         return fwd, fwd_bwd
 
     def hyper(algo, **params):
-        cfg = PAPER.replace(causal_algo=algo, **params)
+        cfg = PAPER.replace(**{"causal_algo": algo, **params})
 
         def fwd(q, k, v, g):
             return kernels.hyper_attention_forward(
