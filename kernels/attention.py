@@ -167,7 +167,7 @@ class _Call:
     q_order: torch.Tensor | None  # [L, B, Hq, Nq] int32
     k_order: torch.Tensor | None  # [L, B, Hkv, Nk] int32
     k_inverse: torch.Tensor | None  # [L, B, Hkv, Nk] int32
-    causal: bool = False
+    causal: bool
 
     @property
     def group(self) -> int:
@@ -304,7 +304,8 @@ def head_groups(q, k, v, is_causal: bool, cfg: HyperConfig, backward: bool):
     levels = max(1, math.ceil(math.log2(max(nq / cfg.min_seq_len, 1)))) if recursive else 1
     rows = batch * group * nq  # query rows per KV head
     orders = 4 * levels * batch * (group * nq + 2 * nk)  # int32 sort orders and inverses
-    if backward:  # fp32 dQ, dK, dV, the recomputed output and its accumulator
+    if backward:  # fp32 dQ, the output's fp32 accumulator, one more fp32 output row as margin
+        # (GROUP_BUDGET was measured with it), fp32 dK/dV
         per_head = 4 * rows * (dim + 2 * dim_v) + 4 * batch * nk * (dim + dim_v)
     else:  # the fp32 accumulator and the group's output
         per_head = 4 * rows * dim_v

@@ -51,7 +51,7 @@ def select_blocks(q, k, scale: float, cfg: HyperConfig, causal: bool) -> torch.T
     out = torch.empty(batch, q_heads, n_qb, topk, dtype=torch.int32, device=q.device)
     step = max(per_program, _BOUND_ELEMENTS // max(1, batch * q_heads * n_kb))
     step -= step % per_program  # whole programs per chunk
-    window = min(cfg.window, nq + nk + qb)  # larger windows cover everything: no int32 overflow
+    window = clamped_window(cfg, nq, nk)
     for first in range(0, n_qb, step):
         count = min(step, n_qb - first)
         cols = n_kb
@@ -72,6 +72,11 @@ def select_blocks(q, k, scale: float, cfg: HyperConfig, causal: bool) -> torch.T
         top = bound.topk(topk, dim=-1)
         out[:, :, first : first + count] = torch.where(torch.isfinite(top.values), top.indices, -1)
     return out
+
+
+def clamped_window(cfg: HyperConfig, nq: int, nk: int) -> int:
+    """``cfg.window`` capped where it already covers every key, so ``s + window`` fits int32."""
+    return min(cfg.window, nq + nk + cfg.query_block)
 
 
 def _key_block_extremes(k: torch.Tensor, kb: int):
@@ -102,6 +107,24 @@ def _row_tiling(qb: int) -> tuple[int, int, int]:
 
 
 @triton.jit
+def _local_span(start, window, n_keys, QB: tl.constexpr, KB: tl.constexpr):
+    """[lo, hi) of the query block starting at ``start``: at least ``window`` keys around it,
+    aligned to key blocks (non-causal end; causal callers stop at the query)."""
+    lo = (tl.maximum(start + QB - window, 0) // KB) * KB
+    hi = tl.minimum(((start + window + KB - 1) // KB) * KB, n_keys)
+    return lo, hi
+
+
+@triton.jit
+def _signed_rows(q_base, rows, row_ok, stride_qn, d, D: tl.constexpr, dtype: tl.constexpr):
+    """(relu(q), min(q, 0)) of the given rows, in ``dtype`` (Triton computes a bf16 max in fp32,
+    so the parts are cast back for the tensor-core dots)."""
+    q = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qn + d[None, :],
+                mask=row_ok[:, None] & (d < D)[None, :], other=0.0)  # fmt: skip
+    return tl.where(q > 0, q, 0.0).to(dtype), tl.where(q < 0, q, 0.0).to(dtype)
+
+
+@triton.jit
 def _bound_kernel(
     Q, KMAX, KMIN, OUT, scale,
     stride_qb, stride_qh, stride_qn,
@@ -122,8 +145,7 @@ def _bound_kernel(
     qblocks = first_qblock + local
     block_ok = local < n_qblocks_chunk
     starts = qblocks * QB
-    span_lo = (tl.maximum(starts + QB - window, 0) // KB) * KB  # local span, as the reference
-    span_hi = tl.minimum(((starts + window + KB - 1) // KB) * KB, n_keys)
+    span_lo, span_hi = _local_span(starts, window, n_keys, QB, KB)
     d = tl.arange(0, BLOCK_D)
     q_base = Q + b.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh
     k_off = (b * kv_heads + hkv).to(tl.int64) * n_kblocks * D
@@ -134,6 +156,12 @@ def _bound_kernel(
         n_tiles = tl.cdiv(tl.cdiv(last_lo, KB), KEY_TILE)
     else:
         n_tiles = tl.cdiv(n_kblocks, KEY_TILE)
+    first_row = (first_qblock + local0) * QB
+    row_end = tl.minimum(n_queries, (first_qblock + n_qblocks_chunk) * QB)
+    # one dot's rows are the same for every key tile: loaded once (several dots: per tile)
+    rows0 = first_row + tl.arange(0, ROWS)
+    positive0, negative0 = _signed_rows(q_base, rows0, rows0 < row_end, stride_qn, d, D,
+                                        KMAX.dtype.element_ty)  # fmt: skip
     for t in range(0, tl.cdiv(n_cols, KEY_TILE)):  # every column is written, computed or -inf
         cols = t * KEY_TILE + tl.arange(0, KEY_TILE)  # key block ids
         col_ok = cols < n_cols
@@ -144,12 +172,13 @@ def _bound_kernel(
             kmax = tl.load(KMAX + k_offs, mask=kmask, other=0.0)
             kmin = tl.load(KMIN + k_offs, mask=kmask, other=0.0)
             for c in range(CHUNKS):
-                rows = ((first_qblock + local0) * QB + c * ROWS) + tl.arange(0, ROWS)
-                row_ok = (rows < n_queries) & (rows < (first_qblock + n_qblocks_chunk) * QB)
-                q = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qn + d[None, :],
-                            mask=row_ok[:, None] & (d < D)[None, :], other=0.0)  # fmt: skip
-                positive = tl.where(q > 0, q, 0.0).to(kmax.dtype)  # (bf16 max is computed
-                negative = tl.where(q < 0, q, 0.0).to(kmax.dtype)  # in fp32 by Triton)
+                rows = first_row + c * ROWS + tl.arange(0, ROWS)
+                row_ok = rows < row_end
+                if CHUNKS == 1:
+                    positive, negative = positive0, negative0
+                else:
+                    positive, negative = _signed_rows(q_base, rows, row_ok, stride_qn, d, D,
+                                                      KMAX.dtype.element_ty)  # fmt: skip
                 upper = tl.dot(positive, tl.trans(kmax), input_precision=PRECISION)
                 upper = tl.dot(negative, tl.trans(kmin), upper, input_precision=PRECISION)
                 upper = tl.where(row_ok[:, None], upper * scale, float("-inf"))

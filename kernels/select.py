@@ -31,7 +31,7 @@ import triton.language as tl
 from hyperpass import lsh
 from hyperpass.config import HyperConfig
 
-from .block_bound import select_blocks
+from .block_bound import _local_span, clamped_window, select_blocks
 from .common import FLOOR, _load_rows, _softmax_step, _store_out_lse
 
 LOG2E = 1.4426950408889634
@@ -105,8 +105,7 @@ def _select_kernel(
     row_ok = rows < n_queries
     qblock = first // QB
     start = qblock * QB
-    lo = (tl.maximum(start + QB - window, 0) // KB) * KB  # the local span [lo, hi)
-    hi = tl.minimum(((start + window + KB - 1) // KB) * KB, n_keys)
+    lo, hi = _local_span(start, window, n_keys, QB, KB)
     if CAUSAL:
         hi = tl.minimum(tl.minimum(first + BLOCK_M, n_queries), n_keys)
 
@@ -221,8 +220,7 @@ class _SelectCall:
         else:
             self.samples = torch.zeros(1, dtype=torch.int32, device=q.device)
             self.log2w = 0.0
-        # |s + window| stays in int32: larger windows cover everything anyway
-        self.window = min(cfg.window, self.nq + self.nk + cfg.query_block)
+        self.window = clamped_window(cfg, self.nq, self.nk)
         self.block_m = _divisor_tile(cfg.query_block)
         self.block_n = _divisor_tile(cfg.select_block)
 
