@@ -113,10 +113,16 @@ def _approximate(q, k, v, is_causal, scale, cfg):
     return hyper_attention_reference(q, k, v, is_causal=is_causal, scale=scale, config=cfg)[0]
 
 
+def one_exact_leaf(nq: int, is_causal: bool, cfg: HyperConfig) -> bool:
+    """The causal recursion on ``nq <= min_seq_len`` rows is one exact leaf: exact attention,
+    which SDPA computes faster and in less memory than any approximation kernel."""
+    return is_causal and cfg.uses_lsh and cfg.causal_algo == "recursive" and nq <= cfg.min_seq_len
+
+
 def _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, params) -> Tensor:
     cfg = HyperConfig(*params)
     reason = skip_reason(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg)
-    if reason is not None:
+    if reason is not None or one_exact_leaf(q.shape[-2], is_causal, cfg):
         return _exact(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return _approximate(q, k, v, is_causal, scale, cfg)
 
@@ -195,7 +201,8 @@ def _hyper_attention_backward(
     grad_out, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *params
 ):
     cfg = HyperConfig(*params)
-    if q.is_cuda and skip_reason(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg) is None:
+    reason = skip_reason(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg)
+    if q.is_cuda and reason is None and not one_exact_leaf(q.shape[-2], is_causal, cfg):
         kernels = _kernel_module()
         if kernels is not None and kernels.unsupported_reason(q, k, v, is_causal, cfg) is None:
             return kernels.hyper_attention_backward(
@@ -265,7 +272,8 @@ def hyper_attention(
 
     Returns:
         [B, Hq, Nq, Dv]: exact SDPA when ``skip_reason`` names a reason (shorter than
-        ``min_len``, a mask, dropout, decode-shaped...), else the HyperAttention approximation.
+        ``min_len``, a mask, dropout, decode-shaped...) or the causal recursion is one exact
+        leaf (``method="hyper"``, Nq <= ``min_seq_len``), else the approximation.
 
     Raises:
         ValueError: a parameter out of range (the message names it).

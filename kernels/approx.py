@@ -104,7 +104,7 @@ def _approx_fwd_kernel(
     lse_base = LSE + pid_bh.to(tl.int64) * n_queries
     q = _load_rows(q_base, qpos, stride_qn, d, D, row_ok)
 
-    if MERGE:  # continue from the parts already merged into OUT (fp32) / LSE
+    if MERGE:  # continue from the parts already merged into OUT / LSE
         prev = tl.load(lse_base + qpos, mask=row_ok, other=float("-inf"))
         has = prev > float("-inf")
         m_i = tl.where(has, prev * 1.4426950408889634, FLOOR)

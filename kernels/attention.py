@@ -5,8 +5,8 @@ Same semantics as :func:`hyperpass.reference.hyper_attention_reference` (the ora
 1. hash Q and K once and sort every level at once by counting (``hashing.hash_and_sort``;
    ``torch.sort`` beyond 8 hyperplanes);
 2. non-causal / flat causal: one launch of the fused approximation writes out and lse;
-   causal recursive: one launch per level (each merging into an fp32 accumulator), then one
-   launch of the exact diagonal leaves that merges everything and writes the output;
+   causal recursive: one launch per level (each merging into the output, by its lse), then
+   one launch of the exact diagonal leaves that merges everything and writes the output;
 3. backward: recompute (out, lse), then dQ/dK/dV with the merged lse: per level three launches
    (dQ, dK/dV of the blocks, dK/dV of the samples), plus two for the diagonal leaves; with one
    level and no pattern, dK/dV are written in the input dtype and one more launch merges the
@@ -264,35 +264,26 @@ def hyper_attention_forward(q, k, v, *, is_causal: bool, scale: float | None, co
     """
     if config.method == "select":
         return select_forward(q, k, v, is_causal=is_causal, scale=scale, config=config)
-    groups = head_groups(q, k, v, is_causal, config, backward=False)
-    if len(groups) == 1:
-        return _forward(_setup(q, k, v, is_causal, scale, config))
-    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    for kv_heads, q_heads in groups:
-        call = _setup(q[:, q_heads], k[:, kv_heads], v[:, kv_heads], is_causal, scale, config)
-        out_g, lse_g = _forward(call)
-        out[:, q_heads], lse[:, q_heads] = out_g, lse_g
-        del call, out_g, lse_g  # the next group reuses the memory
-    return out, lse
+    return _forward(_setup(q, k, v, is_causal, scale, config))
 
 
 # ----------------------------------------------------------------------------- head groups
-# fp32 scratch (accumulators, gradients and a group's hash orders) allowed at once, as a multiple
-# of the bytes of q; the other heads wait for a later group. Measured (H100, paper setting, causal
-# 131072, benchmarks/bench_head_groups.py): 4.0 keeps the forward in one group and splits the
-# backward in 3 (2% slower, 1826 vs 2586 MB; SDPA 1932); every group more costs ~0.7 ms
-GROUP_BUDGET = 4.0
+# fp32 scratch of the backward (dQ/dK/dV and a group's forward) allowed at once, as a multiple of
+# the bytes of q; the other heads wait for a later group. SDPA's own backward (cuDNN, H100) needs
+# about 3x the bytes of q above its inputs and gradients (1932 - 1344 MB at 131072, paper
+# setting), so 3.0 keeps the causal backward at or below its peak. Measured by
+# benchmarks/bench_head_groups.py: every group more costs ~0.7 ms of launches and re-hashing.
+GROUP_BUDGET = 3.0
 
 
-def head_groups(q, k, v, is_causal: bool, cfg: HyperConfig, backward: bool):
-    """[(kv head slice, q head slice)]: the heads computed together.
+def head_groups(q, k, v, is_causal: bool, cfg: HyperConfig):
+    """[(kv head slice, q head slice)]: the heads whose backward runs together.
 
-    Launches that add into one output row (the causal recursion's levels and leaves, or an
-    approximation plus a window/sinks pattern) need fp32 accumulators of the output (and of
-    dQ/dK/dV in the backward). Heads are independent, so they run in groups small enough that
-    those buffers stay within ``GROUP_BUDGET`` x the bytes of q; one group (no copies) when
-    nothing accumulates or it all fits. Grouping changes no result: every launch is per head.
+    Where several launches add into one gradient row (the causal recursion's levels and leaves,
+    or an approximation plus a window/sinks pattern) the backward keeps fp32 dQ/dK/dV. Heads are
+    independent, so they run in groups small enough that those buffers stay within
+    ``GROUP_BUDGET`` x the bytes of q; one group (no copies) when nothing accumulates or it all
+    fits. Grouping changes no result: every launch is per head.
     """
     batch, q_heads, nq, dim = q.shape
     kv_heads, nk, dim_v = k.shape[1], k.shape[2], v.shape[-1]
@@ -304,12 +295,9 @@ def head_groups(q, k, v, is_causal: bool, cfg: HyperConfig, backward: bool):
     levels = max(1, math.ceil(math.log2(max(nq / cfg.min_seq_len, 1)))) if recursive else 1
     rows = batch * group * nq  # query rows per KV head
     orders = 4 * levels * batch * (group * nq + 2 * nk)  # int32 sort orders and inverses
-    if backward:  # fp32 dQ, the output's fp32 accumulator, one more fp32 output row as margin
-        # (GROUP_BUDGET was measured with it), fp32 dK/dV
-        per_head = 4 * rows * (dim + 2 * dim_v) + 4 * batch * nk * (dim + dim_v)
-    else:  # the fp32 accumulator and the group's output
-        per_head = 4 * rows * dim_v
-    per_head += q.element_size() * rows * dim_v + orders
+    # fp32 dQ and dK/dV, the recomputed output, its lse and delta
+    per_head = 4 * rows * dim + 4 * batch * nk * (dim + dim_v)
+    per_head += q.element_size() * rows * dim_v + 8 * rows + orders
     budget = GROUP_BUDGET * q.numel() * q.element_size()
     size = kv_heads if budget >= kv_heads * per_head else max(1, int(budget // per_head))
     return [
@@ -326,26 +314,25 @@ def _forward(call: _Call):
     if plan is None:  # pattern-only method: one launch
         _pattern_forward(call, out, out, lse, merge=False)
         return out, lse
+    # Launches that add parts of one row merge them through ``out`` itself (in its dtype) and
+    # the fp32 lse: no fp32 accumulator, so the forward needs no more memory than SDPA's (+ the
+    # sort orders). Each merge rounds the row once more: at most ~1.5x the output's rounding
+    # error with the 5 levels of 131072 (benchmarks/gpu_check.py records it).
     if plan.leaf_start is None:  # non-causal or flat causal: one fused launch (+ the pattern)
-        if call.pattern is None:
-            _approx_forward(call, 0, out, lse, merge=False)
-            return out, lse
-        acc = torch.empty(out.shape, dtype=torch.float32, device=q.device)
-        _approx_forward(call, 0, acc, lse, merge=False)
-        _pattern_forward(call, acc, out, lse, merge=True)
+        _approx_forward(call, 0, out, lse, merge=False)
+        if call.pattern is not None:
+            _pattern_forward(call, out, out, lse, merge=True)
         return out, lse
-    acc = out
     if plan.levels:
-        acc = torch.empty(out.shape, dtype=torch.float32, device=q.device)
         if call.pattern is None:
             lse.fill_(float("-inf"))
         else:  # the window/sinks of every off-diagonal sub-problem, in one launch
-            _pattern_forward(call, acc, acc, lse, merge=False)
+            _pattern_forward(call, out, out, lse, merge=False)
         for level in range(len(plan.levels)):
-            _approx_forward(call, level, acc, lse, merge=True)
+            _approx_forward(call, level, out, lse, merge=True)
     grid = (triton.cdiv(nq, call.tune.block_m), batch * q_heads)
     _diag_fwd_kernel[grid](
-        q, k, v, acc, out, lse, plan.leaf_start,
+        q, k, v, out, out, lse, plan.leaf_start,
         call.scale * LOG2E,
         *call.strides(q, k, v, out),
         q_heads, nq,
@@ -428,7 +415,7 @@ def hyper_attention_backward(
     """
     if config.method == "select":
         return select_backward(grad_out, q, k, v, is_causal=is_causal, scale=scale, config=config)
-    groups = head_groups(q, k, v, is_causal, config, backward=True)
+    groups = head_groups(q, k, v, is_causal, config)
     if len(groups) == 1:
         call = _setup(q, k, v, is_causal, scale, config)
         grads = _backward(call, grad_out)

@@ -49,7 +49,8 @@ def _diag_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MERGE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """ACC: contiguous fp32 [B, Hq, N, DV] of earlier parts (read if MERGE); OUT: strided."""
+    """ACC: contiguous [B, Hq, N, DV] of earlier parts (read if MERGE; may be OUT itself: a
+    program reads its rows before it writes them); OUT: strided."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // q_heads
@@ -72,6 +73,7 @@ def _diag_fwd_kernel(
         m_i = tl.where(has, prev * 1.4426950408889634, FLOOR)
         l_i = tl.where(has, 1.0, 0.0)
         acc = _load_rows(ACC + pid_bh.to(tl.int64) * n * DV, rows, DV, dv, DV, row_ok & has)
+        acc = acc.to(tl.float32)
     else:
         m_i = tl.full([BLOCK_M], FLOOR, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

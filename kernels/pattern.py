@@ -82,7 +82,7 @@ def _pattern_fwd_kernel(
     CAUSAL: tl.constexpr, LIMIT: tl.constexpr, MERGE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Window + sinks of a tile of queries. With MERGE, starts from the parts in ACC (contiguous
-    fp32 [B, Hq, Nq, DV]) and LSE; writes the merged output to OUT (strided, any dtype)."""
+    [B, Hq, Nq, DV], may be OUT itself) and LSE; writes the merged output to OUT (strided)."""
     pid_bh = tl.program_id(1)
     b = pid_bh // q_heads
     hq = pid_bh % q_heads
@@ -107,7 +107,7 @@ def _pattern_fwd_kernel(
         m_i = tl.where(has, prev * 1.4426950408889634, FLOOR)
         l_i = tl.where(has, 1.0, 0.0)
         acc = _load_rows(ACC + pid_bh.to(tl.int64) * n_queries * DV, rows, DV, dv, DV,
-                         row_ok & has)  # fmt: skip
+                         row_ok & has).to(tl.float32)  # fmt: skip
     else:
         m_i = tl.full([BLOCK_M], FLOOR, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -166,8 +166,8 @@ def test_fp16_noncausal_forward():
     ids=["causal-recursive-batch2-gqa2", "noncausal-window-sinks"],
 )  # fmt: skip
 def test_head_groups_change_nothing(is_causal, change, shape, monkeypatch):
-    """Where launches accumulate in fp32, heads run in groups that bound the scratch memory:
-    one KV head per group gives bit-identical outputs and gradients, correct vs the oracle."""
+    """Where backward launches accumulate in fp32, heads run in groups that bound the scratch
+    memory: one KV head per group gives bit-identical gradients, correct vs the oracle."""
     from hyperpass.kernels import attention
 
     cfg = SMALL.replace(**change)
@@ -176,7 +176,7 @@ def test_head_groups_change_nothing(is_causal, change, shape, monkeypatch):
     whole = kernels.hyper_attention_forward(q, k, v, **kw)
     whole += kernels.hyper_attention_backward(grad, q, k, v, **kw)
     monkeypatch.setattr(attention, "GROUP_BUDGET", 1e-9)
-    assert len(attention.head_groups(q, k, v, is_causal, cfg, backward=True)) == shape[2]
+    assert len(attention.head_groups(q, k, v, is_causal, cfg)) == shape[2]
     grouped = kernels.hyper_attention_forward(q, k, v, **kw)
     grouped += kernels.hyper_attention_backward(grad, q, k, v, **kw)
     for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], whole, grouped, strict=True):
@@ -189,15 +189,13 @@ def test_head_groups_only_where_launches_accumulate():
 
     q, k, v, _ = _inputs(1, 8, 8, 64, 64, 64, torch.float32)
     big = SMALL.replace(min_seq_len=16)  # recursive: fp32 accumulators
-    assert len(head_groups(q, k, v, False, SMALL, backward=True)) == 1  # one writer per row
-    assert len(head_groups(q, k, v, True, SMALL.replace(causal_algo="flat"), True)) == 1
-    groups = head_groups(q, k, v, True, big, backward=True)
-    assert len(groups) > 1  # recursive: the backward's fp32 scratch exceeds 4x q's bytes
+    assert len(head_groups(q, k, v, False, SMALL)) == 1  # one writer per row
+    assert len(head_groups(q, k, v, True, SMALL.replace(causal_algo="flat"))) == 1
+    groups = head_groups(q, k, v, True, big)
+    assert len(groups) > 1  # recursive: the backward's fp32 scratch exceeds the budget
     # the groups cover every KV head once, each with its own query heads
     assert [h for kv, _ in groups for h in range(8)[kv]] == list(range(8))
     assert all(range(8)[qh] == range(8)[kv] for kv, qh in groups)  # group of 1 query head
-    forward = head_groups(q, k, v, True, big, backward=False)
-    assert len(forward) < len(groups)  # the forward keeps less scratch per head
 
 
 # ----------------------------------------------------------------------------- pieces
