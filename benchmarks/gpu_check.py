@@ -11,6 +11,7 @@ allocator, so a row the kernels fail to write shows up as NaN.
     python benchmarks/gpu_check.py --out $OUT/gpu_check.json            # all cases
     python benchmarks/gpu_check.py --quick                              # one small case/mode
     python benchmarks/gpu_check.py --patterns --out $OUT/patterns.json  # window/sinks (issue 7)
+    python benchmarks/gpu_check.py --lengths 131072                     # the cases of one n
     compute-sanitizer --tool memcheck python benchmarks/gpu_check.py --quick --no-reference
 """
 
@@ -191,6 +192,7 @@ def main() -> int:
     parser.add_argument("--no-reference", action="store_true", help="kernels only (sanitizer)")
     parser.add_argument("--out", default=None, help="JSON file to write")
     parser.add_argument("--patterns", action="store_true", help="the window/sinks cases only")
+    parser.add_argument("--lengths", nargs="+", type=int, default=None, help="only these n")
     args = parser.parse_args()
     report = {
         "device": torch.cuda.get_device_name(),
@@ -199,6 +201,8 @@ def main() -> int:
         "cases": [],
     }
     for spec in (pattern_cases if args.patterns else cases)(args.quick):
+        if args.lengths and spec[3] not in args.lengths:
+            continue
         try:
             res = run_case(*spec, reference=not args.no_reference)
         except Exception as err:  # record and go on: one failure must not hide the others

@@ -2,8 +2,8 @@
 
 Same semantics as :func:`hyperpass.reference.hyper_attention_reference` (the oracle). One call:
 
-1. hash Q and K once and sort every level at once by counting (``hashing.hash_and_sort``;
-   ``torch.sort`` beyond 8 hyperplanes);
+1. hash Q and K once and count every level's sort at once, then scatter one level's order
+   when that level runs (``hashing.CountingSort``; ``torch.sort`` beyond 8 hyperplanes);
 2. non-causal / flat causal: one launch of the fused approximation writes out and lse;
    causal recursive: one launch per level (each merging into the output, by its lse), then
    one launch of the exact diagonal leaves that merges everything and writes the output;
@@ -36,13 +36,7 @@ from .approx import (
     _sample_merge_kernel,
 )
 from .exact import _diag_dkdv_kernel, _diag_dq_kernel, _diag_fwd_kernel
-from .hashing import (
-    counting_sort_supported,
-    hash_and_sort,
-    lsh_rank,
-    planes_for,
-    sort_levels,
-)
+from .hashing import CountingSort, TorchSort, counting_sort_supported, lsh_rank, planes_for
 from .pattern import (
     LIMIT_ALL,
     LIMIT_LEAF,
@@ -164,10 +158,16 @@ class _Call:
     plan: Plan | None  # None: pattern-only method (no sortLSH, no samples)
     tune: Tuning
     pattern: _Pattern | None
-    q_order: torch.Tensor | None  # [L, B, Hq, Nq] int32
-    k_order: torch.Tensor | None  # [L, B, Hkv, Nk] int32
-    k_inverse: torch.Tensor | None  # [L, B, Hkv, Nk] int32
+    q_sort: CountingSort | TorchSort | None  # each level's sorted orders, on demand
+    k_sort: CountingSort | TorchSort | None
     causal: bool
+
+    def orders(self, level: int):
+        """(q order [B, Hq, Nq], k order [B, Hkv, Nk], k inverse [B, Hkv, Nk]) int32 of one
+        level: scattered when asked, so one level's orders exist at a time."""
+        q_order, _ = self.q_sort.level(level)
+        k_order, k_inverse = self.k_sort.level(level)
+        return q_order, k_order, k_inverse
 
     @property
     def group(self) -> int:
@@ -219,7 +219,9 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-def _setup(q, k, v, is_causal: bool, scale: float | None, cfg: HyperConfig) -> _Call:
+def _setup(q, k, v, is_causal: bool, scale: float | None, cfg: HyperConfig, backward: bool):
+    """Everything a launch needs: contiguous rows, the plan, and the sorts (the backward keeps
+    every level's orders, which it reads twice; the forward scatters one level at a time)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     batch, _, nq, dim = q.shape
     kv_heads, nk = k.shape[1], k.shape[2]
@@ -227,24 +229,22 @@ def _setup(q, k, v, is_causal: bool, scale: float | None, cfg: HyperConfig) -> _
     tune = tuning_for(max(dim, v.shape[-1]), q.dtype)
     pattern = _pattern_of(nq, nk, is_causal, cfg)
     if not cfg.uses_lsh:
-        return _Call(q, k, v, scale, cfg, None, tune, pattern, None, None, None, is_causal)
+        return _Call(q, k, v, scale, cfg, None, tune, pattern, None, None, is_causal)
     plan = make_plan(
         nq, nk, is_causal, cfg, batch, kv_heads, q.device,
         tune.block_m, tune.block_n, _num_sms(q.device),
     )  # fmt: skip
     if not plan.levels:  # one exact causal leaf: no part but the diagonal, nothing to hash
-        return _Call(q, k, v, scale, cfg, plan, tune, None, None, None, None, is_causal)
+        return _Call(q, k, v, scale, cfg, plan, tune, None, None, None, is_causal)
     planes = planes_for(dim, cfg.lsh_num_projs, cfg.seed, q.device)
     if counting_sort_supported(cfg.lsh_num_projs):
-        q_order, _ = hash_and_sort(q, planes, scale, plan.edges)
-        k_order, k_inverse = hash_and_sort(k, planes, 1.0, plan.edges, inverse=True)
-    else:  # more than 256 buckets: torch.sort of (segment, rank) keys
+        q_sort = CountingSort(q, planes, scale, plan.edges, keep_levels=backward)
+        k_sort = CountingSort(k, planes, 1.0, plan.edges, inverse=True, keep_levels=backward)
+    else:  # more than 256 buckets: torch.sort of (segment, rank) keys, every level at once
         r, n_seg = cfg.lsh_num_projs, plan.n_segments
-        q_order, _ = sort_levels(lsh_rank(q, planes, scale), plan.segments, r, n_segments=n_seg)
-        k_order, k_inverse = sort_levels(
-            lsh_rank(k, planes, 1.0), plan.segments, r, inverse=True, n_segments=n_seg
-        )
-    return _Call(q, k, v, scale, cfg, plan, tune, pattern, q_order, k_order, k_inverse, is_causal)
+        q_sort = TorchSort(lsh_rank(q, planes, scale), plan.segments, r, False, n_seg)
+        k_sort = TorchSort(lsh_rank(k, planes, 1.0), plan.segments, r, True, n_seg)
+    return _Call(q, k, v, scale, cfg, plan, tune, pattern, q_sort, k_sort, is_causal)
 
 
 def _samples(level) -> torch.Tensor:
@@ -264,7 +264,7 @@ def hyper_attention_forward(q, k, v, *, is_causal: bool, scale: float | None, co
     """
     if config.method == "select":
         return select_forward(q, k, v, is_causal=is_causal, scale=scale, config=config)
-    return _forward(_setup(q, k, v, is_causal, scale, config))
+    return _forward(_setup(q, k, v, is_causal, scale, config, backward=False))
 
 
 # ----------------------------------------------------------------------------- head groups
@@ -294,7 +294,8 @@ def head_groups(q, k, v, is_causal: bool, cfg: HyperConfig):
     group = q_heads // kv_heads
     levels = max(1, math.ceil(math.log2(max(nq / cfg.min_seq_len, 1)))) if recursive else 1
     rows = batch * group * nq  # query rows per KV head
-    orders = 4 * levels * batch * (group * nq + 2 * nk)  # int32 sort orders and inverses
+    # every level's int32 orders and inverses (the backward keeps them), int16 ranks
+    orders = 4 * levels * (rows + 2 * batch * nk) + 2 * (rows + batch * nk)
     # fp32 dQ and dK/dV, the recomputed output, its lse and delta
     per_head = 4 * rows * dim + 4 * batch * nk * (dim + dim_v)
     per_head += q.element_size() * rows * dim_v + 8 * rows + orders
@@ -347,8 +348,7 @@ def _approx_forward(call: _Call, index: int, out, lse, merge: bool) -> None:
     batch, q_heads, nq, _ = q.shape
     grid = (level.q_tiles.shape[0], batch * q_heads)
     _approx_fwd_kernel[grid](
-        q, k, v, out, lse,
-        call.q_order[index], call.k_order[index], call.k_inverse[index], _samples(level),
+        q, k, v, out, lse, *call.orders(index), _samples(level),
         level.subs, level.q_tiles,
         call.scale * LOG2E,
         *call.strides(q, k, v, out),
@@ -417,12 +417,13 @@ def hyper_attention_backward(
         return select_backward(grad_out, q, k, v, is_causal=is_causal, scale=scale, config=config)
     groups = head_groups(q, k, v, is_causal, config)
     if len(groups) == 1:
-        call = _setup(q, k, v, is_causal, scale, config)
+        call = _setup(q, k, v, is_causal, scale, config, backward=True)
         grads = _backward(call, grad_out)
         return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True))
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
     for kv_heads, q_heads in groups:
-        call = _setup(q[:, q_heads], k[:, kv_heads], v[:, kv_heads], is_causal, scale, config)
+        heads = (q[:, q_heads], k[:, kv_heads], v[:, kv_heads])
+        call = _setup(*heads, is_causal, scale, config, backward=True)
         dq_g, dk_g, dv_g = _backward(call, grad_out[:, q_heads])
         dq[:, q_heads], dk[:, kv_heads], dv[:, kv_heads] = dq_g, dk_g, dv_g
         del call, dq_g, dk_g, dv_g  # the next group reuses the memory
@@ -470,7 +471,7 @@ def _backward(call: _Call, grad_out):
         )  # fmt: skip
 
     for index, level in enumerate(plan.levels if plan is not None else ()):
-        q_ord, k_ord, k_inv = call.q_order[index], call.k_order[index], call.k_inverse[index]
+        q_ord, k_ord, k_inv = call.orders(index)
         n_samples = level.samples.shape[-1]
         _approx_dq_kernel[(level.q_tiles.shape[0], batch * q_heads)](
             q, k, v, grad_out, lse, delta, dq, q_ord, k_ord, k_inv, _samples(level),

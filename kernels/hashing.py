@@ -1,4 +1,4 @@
-"""sortLSH on the GPU: one kernel from rows to Gray-code ranks, then one stable sort per level.
+"""sortLSH on the GPU: one kernel from rows to Gray-code ranks, then a stable sort per level.
 
 The kernel reads each row once and writes one int32 rank: neither the projections nor a scaled
 copy of Q exist in memory. Ranks equal :func:`hyperpass.lsh.lsh_ranks` of the same rows except
@@ -135,29 +135,40 @@ def _scan_kernel(
 
 @triton.jit
 def _scatter_kernel(
-    RANK, TABLE, CHUNKS, ORDER, INVERSE,
-    rows_total, n_rows, n_chunks, n_levels,
+    RANK, PERM, TABLE, CHUNKS, ORDER, INVERSE,
+    rows_total, n_rows, n_chunks, first_level, n_levels,
     BUCKETS: tl.constexpr, CHUNK: tl.constexpr, WITH_INVERSE: tl.constexpr,
+    SORT: tl.constexpr, KEEP_PERM: tl.constexpr,
 ):  # fmt: skip
-    """Sorts one chunk by (rank, position) in registers, then writes every level's sorted
-    order (and its inverse): destination = TABLE[level, row, chunk, rank] + sorted position."""
+    """Sorted orders (and inverses) of one chunk for levels [first_level, first_level +
+    n_levels), into ORDER [n_levels, rows, N]: destination = TABLE[level, row, chunk, rank] +
+    the row's place in the chunk sorted by (rank, position). With SORT the chunk is sorted in
+    registers (and, with KEEP_PERM, its permutation kept in PERM, int16, for later launches);
+    else the permutation is read from PERM."""
     c = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     start = tl.load(CHUNKS + c)
     length = tl.load(CHUNKS + c + 1) - start
     i = tl.arange(0, CHUNK)
-    rank = tl.load(RANK + row * n_rows + start + i, mask=i < length, other=BUCKETS).to(tl.int32)
-    key = tl.sort(rank * CHUNK + i)  # unique keys: a stable order by rank
-    bucket = key // CHUNK
-    position = start + key % CHUNK
-    valid = i < length
-    for level in range(n_levels):
-        plane = (level * rows_total + row) * n_chunks + c
+    valid = i < length  # sorted: the chunk's rows first, the padding (rank BUCKETS) last
+    line = row * n_rows + start
+    if SORT:
+        rank = tl.load(RANK + line + i, mask=valid, other=BUCKETS).to(tl.int32)
+        key = tl.sort(rank * CHUNK + i)  # unique keys: a stable order by rank
+        bucket = key // CHUNK
+        local = key % CHUNK
+        if KEEP_PERM:
+            tl.store(PERM + line + i, local.to(tl.int16), mask=valid)
+    else:
+        local = tl.load(PERM + line + i, mask=valid, other=0).to(tl.int32)
+        bucket = tl.load(RANK + line + local, mask=valid, other=0).to(tl.int32)
+    for lv in range(n_levels):
+        plane = ((first_level + lv) * rows_total + row) * n_chunks + c
         dest = tl.load(TABLE + plane * BUCKETS + bucket, mask=valid, other=0) + i
-        line = (level * rows_total + row) * n_rows
-        tl.store(ORDER + line + dest, position, mask=valid)
+        out_line = (lv * rows_total + row) * n_rows
+        tl.store(ORDER + out_line + dest, start + local, mask=valid)
         if WITH_INVERSE:
-            tl.store(INVERSE + line + position, dest, mask=valid)
+            tl.store(INVERSE + out_line + start + local, dest, mask=valid)
 
 
 def lsh_rank(x: torch.Tensor, planes: torch.Tensor, scale: float) -> torch.Tensor:
@@ -249,61 +260,101 @@ def counting_sort_supported(num_projs: int) -> bool:
     return num_projs <= MAX_COUNTING_BITS
 
 
-def hash_and_sort(
-    x: torch.Tensor,
-    planes: torch.Tensor,
-    scale: float,
-    edges: tuple[tuple[int, ...], ...] | None,
-    inverse: bool = False,
-    chunk: int | None = None,
-):
+class CountingSort:
     """Every level's stable sort of the rows of ``x`` by (segment, Gray-code rank), by counting.
+
+    Construction hashes and counts for all levels at once (two launches: ranks + per-chunk
+    histograms, then a scan of the histograms per segment of every level). Then, by default,
+    ``level(l)`` scatters one level's order in one launch, so a caller holds one level's int32
+    orders, not all ``L`` (``L`` grows as log N: all at once cost 12 bytes per query/key row
+    and level, ~12% of the causal forward's memory at 131072). The first scatter sorts each
+    chunk in registers and, when there are more levels, keeps its permutation (int16) for the
+    others. With ``keep_levels`` the first call scatters every level in one launch and keeps
+    them (the backward asks for each level twice: fewer launches for that memory). No device
+    sync.
 
     Args:
         x: [B, H, N, D]; planes: [D, r] with r <= MAX_COUNTING_BITS.
         edges: per level, sorted segment boundaries (0 and N included); None: one segment.
+        inverse: also scatter each position's sorted position.
+        keep_levels: scatter and keep every level at the first call.
         chunk: positions per chunk (a power of two); None: CHUNK, or less when every segment
             of the finest level is shorter.
-
-    Returns:
-        (order [L, B, H, N] int32 original positions in sorted order,
-         inverse [L, B, H, N] int32 sorted position of each original position, or None)
-
-    Four launches, no device sync: ranks + per-chunk histograms, a scan of the histograms per
-    segment, and one scatter per chunk (sorted in registers) that writes every level.
     """
-    batch, heads, n, dim = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    num_projs = planes.shape[1]
-    buckets = max(16, 1 << num_projs)
-    edges = edges if edges is not None else ((0, n),)
-    if chunk is None:
-        longest = max(b - a for a, b in itertools.pairwise(edges[-1]))
-        chunk = min(CHUNK, max(16, triton.next_power_of_2(longest)))
-    chunks, segs = _chunk_tables(n, edges, chunk, x.device)
-    n_chunks, rows, levels = chunks.shape[0] - 1, batch * heads, len(edges)
-    device = x.device
-    ranks = torch.empty(rows, n, dtype=torch.int16, device=device)
-    hist = torch.zeros(rows, n_chunks, buckets, dtype=torch.int32, device=device)
-    sub = min(64, chunk)
-    _rank_hist_kernel[(n_chunks * (chunk // sub), rows)](
-        x, planes, ranks, hist, chunks, x.stride(0), x.stride(1), x.stride(2),
-        heads, n, n_chunks, scale,
-        D=dim, BLOCK_D=triton.next_power_of_2(dim), R=num_projs,
-        N_SHIFTS=max(0, (num_projs - 1).bit_length()), BUCKETS=buckets, CHUNK=chunk, SUB=sub,
-    )  # fmt: skip
-    table = torch.empty(levels, rows, n_chunks, buckets, dtype=torch.int32, device=device)
-    _scan_kernel[(segs.shape[0], rows)](
-        hist, table, segs, rows, n_chunks, BUCKETS=buckets, CB=_SCAN_CHUNKS
-    )
-    order = torch.empty(levels, batch, heads, n, dtype=torch.int32, device=device)
-    inv = torch.empty_like(order) if inverse else order
-    _scatter_kernel[(n_chunks, rows)](
-        ranks, table, chunks, order, inv, rows, n, n_chunks, levels,
-        BUCKETS=buckets, CHUNK=chunk, WITH_INVERSE=inverse, num_warps=SCATTER_WARPS,
-    )  # fmt: skip
-    return order, (inv if inverse else None)
+
+    def __init__(
+        self, x, planes, scale: float, edges, inverse=False, keep_levels=False, chunk=None
+    ):
+        batch, heads, n, dim = x.shape
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        num_projs = planes.shape[1]
+        self.buckets = max(16, 1 << num_projs)
+        edges = edges if edges is not None else ((0, n),)
+        if chunk is None:
+            longest = max(b - a for a, b in itertools.pairwise(edges[-1]))
+            chunk = min(CHUNK, max(16, triton.next_power_of_2(longest)))
+        self.chunk, self.levels, self.inverse = chunk, len(edges), inverse
+        self.keep_levels = keep_levels
+        self.chunks, segs = _chunk_tables(n, edges, chunk, x.device)
+        self.shape = (batch, heads, n)
+        n_chunks, rows = self.chunks.shape[0] - 1, batch * heads
+        self.ranks = torch.empty(rows, n, dtype=torch.int16, device=x.device)
+        hist = torch.zeros(rows, n_chunks, self.buckets, dtype=torch.int32, device=x.device)
+        sub = min(64, chunk)
+        _rank_hist_kernel[(n_chunks * (chunk // sub), rows)](
+            x, planes, self.ranks, hist, self.chunks, x.stride(0), x.stride(1), x.stride(2),
+            heads, n, n_chunks, scale,
+            D=dim, BLOCK_D=triton.next_power_of_2(dim), R=num_projs,
+            N_SHIFTS=max(0, (num_projs - 1).bit_length()), BUCKETS=self.buckets, CHUNK=chunk,
+            SUB=sub,
+        )  # fmt: skip
+        self.table = torch.empty(
+            self.levels, rows, n_chunks, self.buckets, dtype=torch.int32, device=x.device
+        )
+        _scan_kernel[(segs.shape[0], rows)](
+            hist, self.table, segs, rows, n_chunks, BUCKETS=self.buckets, CB=_SCAN_CHUNKS
+        )
+        self.perm = None  # the chunks' sorted permutations, once a scatter has sorted them
+        self.kept = None  # (first level, orders [n, B, H, N], inverses or None) of the last call
+
+    def level(self, level: int):
+        """(order [B, H, N] int32 original positions in sorted order, inverse [B, H, N] int32
+        sorted position of each original position, or None) of one level."""
+        if self.kept is None or not 0 <= level - self.kept[0] < self.kept[1].shape[0]:
+            self.kept = None  # let the previous level's orders go before allocating these
+            first, count = (0, self.levels) if self.keep_levels else (level, 1)
+            self.kept = (first, *self._scatter(first, count))
+        first, orders, inverses = self.kept
+        return orders[level - first], None if inverses is None else inverses[level - first]
+
+    def _scatter(self, first: int, count: int):
+        rows, n = self.ranks.shape
+        orders = torch.empty(count, *self.shape, dtype=torch.int32, device=self.ranks.device)
+        inverses = torch.empty_like(orders) if self.inverse else orders
+        sort = self.perm is None
+        keep_perm = sort and count < self.levels  # other launches will need the permutation
+        if keep_perm:
+            self.perm = torch.empty_like(self.ranks)
+        n_chunks = self.chunks.shape[0] - 1
+        _scatter_kernel[(n_chunks, rows)](
+            self.ranks, self.perm if self.perm is not None else self.ranks, self.table,
+            self.chunks, orders, inverses, rows, n, n_chunks, first, count,
+            BUCKETS=self.buckets, CHUNK=self.chunk, WITH_INVERSE=self.inverse,
+            SORT=sort, KEEP_PERM=keep_perm, num_warps=SCATTER_WARPS,
+        )  # fmt: skip
+        return orders, inverses if self.inverse else None
+
+
+class TorchSort:
+    """``CountingSort``'s interface over ``sort_levels`` (more than 2^8 buckets): every level
+    sorted at once by ``torch.sort``."""
+
+    def __init__(self, ranks, segments, num_projs: int, inverse: bool, n_segments: int):
+        self.order, self.inverse = sort_levels(ranks, segments, num_projs, inverse, n_segments)
+
+    def level(self, level: int):
+        return self.order[level], None if self.inverse is None else self.inverse[level]
 
 
 _PLANES: dict = {}

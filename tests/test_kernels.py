@@ -266,15 +266,27 @@ def test_sort_levels_segments(n_segments):
 )
 def test_counting_sort_matches_torch_sort(num_projs, chunk, edges):
     """The counting sort orders every level exactly as a stable sort by (segment, rank)."""
-    from hyperpass.kernels.hashing import hash_and_sort, lsh_rank, sort_levels
+    from hyperpass.kernels.hashing import CountingSort
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(1, 2, 601, 32, generator=gen)
     planes = lsh.hyperplanes(32, num_projs, 0, "cpu")
-    order, inverse = hash_and_sort(x, planes, 0.5, edges, inverse=True, chunk=chunk)
+    levels = 1 if edges is None else len(edges)
+    for keep_levels in (False, True):
+        sorter = CountingSort(x, planes, 0.5, edges, True, keep_levels=keep_levels, chunk=chunk)
+        # the last level first: every level is right whichever scatter sorts the chunks
+        by_level = {level: sorter.level(level) for level in reversed(range(levels))}
+        order = torch.stack([by_level[level][0] for level in range(levels)])
+        inverse = torch.stack([by_level[level][1] for level in range(levels)])
+        _check_sorted(x, planes, num_projs, edges, order, inverse)
+
+
+def _check_sorted(x, planes, num_projs, edges, order, inverse):
+    from hyperpass.kernels.hashing import lsh_rank, sort_levels
+
     segments = None
     if edges is not None:
-        positions = torch.arange(601)
+        positions = torch.arange(x.shape[2])
         segments = torch.stack(
             [torch.searchsorted(torch.tensor(e), positions, right=True) - 1 for e in edges]
         ).to(torch.int32)
