@@ -449,11 +449,13 @@ def _backward(call: _Call, grad_out):
     # dQ rows have one writer unless several launches add up (recursive, or with a pattern)
     dq_dtype = torch.float32 if diagonal or pattern_adds else q.dtype
     dq = torch.empty(batch, q_heads, nq, dim, dtype=dq_dtype, device=q.device)
-    # one level, no pattern: every key row has one writer (its block's program), so dK/dV are
-    # written in the input dtype and the samples' atomics go to a small fp32 buffer per
-    # distinct sampled key, merged once (``compact``); otherwise fp32 dK/dV that launches add to
-    compact = plan is not None and not diagonal and call.pattern is None
-    kv_dtype = k.dtype if compact else torch.float32
+    # one level and no pattern, or a pattern alone: every key row has one writer (its block's
+    # or its window's program), so dK/dV are written in the input dtype; the atomics of the
+    # samples (one fp32 row per distinct sampled key, ``compact``) or of the sinks (fp32 rows
+    # of the sinks) go to small buffers merged once. Otherwise fp32 dK/dV that launches add to
+    one_writer = plan is None or (not diagonal and call.pattern is None)
+    compact = plan is not None and one_writer
+    kv_dtype = k.dtype if one_writer else torch.float32
     dk = torch.empty(batch, kv_heads, nk, dim, dtype=kv_dtype, device=q.device)
     dv = torch.empty(batch, kv_heads, nk, dim_v, dtype=kv_dtype, device=q.device)
     common = (call.scale, call.scale * LOG2E, *call.strides(q, k, v, grad_out))
@@ -544,9 +546,17 @@ def _pattern_backward(call: _Call, common, kw, lse, delta, grad_out, dq, dk, dv,
         splits = max(1, min(triton.cdiv(nq, tune.bwd_block_m), wanted))
         q_split = triton.cdiv(triton.cdiv(nq, splits), tune.bwd_block_m) * tune.bwd_block_m
         splits = triton.cdiv(nq, q_split)
+        sink_dk, sink_dv, dk_rows = dk, dv, nk
+        if dk.dtype != torch.float32:  # dK/dV in the input dtype: add the sinks' rows once
+            dk_rows = pat.n_sinks
+            sink_dk = torch.zeros(batch, kv_heads, dk_rows, dk.shape[-1], device=dk.device)
+            sink_dv = torch.zeros(batch, kv_heads, dk_rows, dv.shape[-1], device=dv.device)
         _sinks_dkdv_kernel[(sink_tiles * splits, batch * kv_heads)](
-            q, k, v, grad_out, lse, delta, dk, dv, leaf, *common,
-            q_heads, kv_heads, nq, nk, *geometry, pat.n_sinks, splits, q_split,
+            q, k, v, grad_out, lse, delta, sink_dk, sink_dv, leaf, *common,
+            q_heads, kv_heads, nq, nk, *geometry, pat.n_sinks, splits, q_split, dk_rows,
             BLOCK_M=tune.bwd_block_m, BLOCK_N=tune.block_n, CAUSAL=pat.causal,
             LIMIT=pat.limit, **kw,
         )  # fmt: skip
+        if sink_dk is not dk:
+            dk[:, :, :dk_rows] += sink_dk  # (the window share of these rows was rounded once)
+            dv[:, :, :dk_rows] += sink_dv

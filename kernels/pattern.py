@@ -240,7 +240,8 @@ def _pattern_dkdv_kernel(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dK/dV of the window for a tile of keys of one residue class: the queries whose window
-    reaches them, all heads of the GQA group. DK/DV_OUT are contiguous fp32 [B, Hkv, Nk, D]."""
+    reaches them, all heads of the GQA group. DK/DV_OUT are contiguous [B, Hkv, Nk, D]: fp32
+    when ACCUMULATE (added to), else any dtype (written)."""
     pid_bh = tl.program_id(1)
     b = pid_bh // kv_heads
     hkv = pid_bh % kv_heads
@@ -309,13 +310,14 @@ def _sinks_dkdv_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     q_heads, kv_heads, n_queries, n_keys, window, dilation, n_sinks, n_splits, q_split,
+    dk_rows,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, LIMIT: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dK/dV of a tile of sink keys from one split of the queries (consecutive rows), added
-    atomically into fp32 DK/DV_OUT [B, Hkv, Nk, D]."""
+    atomically into fp32 DK/DV_OUT [B, Hkv, dk_rows, D] (dk_rows: Nk, or the sinks alone)."""
     pid_bh = tl.program_id(1)
     b = pid_bh // kv_heads
     hkv = pid_bh % kv_heads
@@ -356,7 +358,7 @@ def _sinks_dkdv_kernel(
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
 
-    kv_row = pid_bh.to(tl.int64) * n_keys
+    kv_row = pid_bh.to(tl.int64) * dk_rows
     dk_ptrs = DK + kv_row * D + cols[:, None].to(tl.int64) * D + d[None, :]
     dv_ptrs = DV_OUT + kv_row * DV + cols[:, None].to(tl.int64) * DV + dv[None, :]
     tl.atomic_add(dk_ptrs, dk * sm_scale, mask=col_ok[:, None] & (d < D)[None, :])

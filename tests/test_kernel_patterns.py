@@ -41,9 +41,18 @@ def test_pattern_methods(params, causal, shape):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-def test_pattern_method_fp16(causal):
-    cfg = SMALL.replace(method="longformer", window=17, sinks=4)
-    _check(*_inputs(1, 2, 1, 45, 45, 64, torch.float16), is_causal=causal, cfg=cfg)
+@pytest.mark.parametrize(
+    "dtype,shape,sinks",
+    [
+        (torch.float16, (1, 2, 1, 45, 45, 64), 4),
+        (torch.float16, (2, 4, 2, 50, 50, 64), 20),  # sink rows over tiles, per (batch, head)
+    ],
+    ids=["fp16", "fp16-batch2-gqa2"],  # (the interpreter gives garbage in bf16: GPU-checked)
+)
+def test_pattern_method_low_precision(causal, dtype, shape, sinks):
+    """dK/dV in the input dtype, the sinks' atomics in their own fp32 rows, added at the end."""
+    cfg = SMALL.replace(method="longformer", window=17, sinks=sinks)
+    _check(*_inputs(*shape, dtype), is_causal=causal, cfg=cfg)
 
 
 # ----------------------------------------------------------------------------- hyper + pattern
