@@ -297,8 +297,8 @@ def _pattern_dkdv_kernel(
     if ACCUMULATE:
         dk += tl.load(dk_ptrs, mask=dk_mask, other=0.0)
         dvacc += tl.load(dv_ptrs, mask=dv_mask, other=0.0)
-    tl.store(dk_ptrs, dk, mask=dk_mask)
-    tl.store(dv_ptrs, dvacc, mask=dv_mask)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=dk_mask)
+    tl.store(dv_ptrs, dvacc.to(DV_OUT.dtype.element_ty), mask=dv_mask)
 
 
 @triton.jit
