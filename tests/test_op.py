@@ -182,3 +182,23 @@ def test_package_exports():
     assert hyperpass.HyperConfig is HyperConfig
     # the top-level kernels/ folder is importable as hyperpass.kernels, from a checkout too
     assert importlib.import_module("hyperpass.kernels").__file__.endswith("kernels/__init__.py")
+
+
+def test_one_exact_causal_leaf_runs_sdpa():
+    """Causal sortLSH on at most min_seq_len rows is one exact leaf: the op computes SDPA's
+    values and gradients (bit for bit), and longer sequences are still approximated."""
+    cfg = HyperConfig(**{**SMALL, "min_seq_len": 40})
+    q, k, v = qkv(batch=2, hq=4, hkv=2, n=40, grad=True)
+    out = hyper_attention_op(*op_args(q, k, v, cfg, is_causal=True, gqa=True))
+    exact = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.equal(out, exact)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    exact_grads = torch.autograd.grad(exact.sum(), (q, k, v))
+    assert all(torch.equal(a, b) for a, b in zip(grads, exact_grads, strict=True))
+    longer = [t.detach().repeat(1, 1, 2, 1) for t in (q, k, v)]  # 80 rows: two leaves
+    out = hyper_attention_op(*op_args(*longer, cfg, is_causal=True, gqa=True))
+    approx, _ = hyper_attention_reference(*longer, is_causal=True, config=cfg)
+    assert torch.equal(out, approx)
+    assert not torch.allclose(
+        out, F.scaled_dot_product_attention(*longer, is_causal=True, enable_gqa=True)
+    )
