@@ -276,22 +276,28 @@ def hyper_attention_forward(q, k, v, *, is_causal: bool, scale: float | None, co
 GROUP_BUDGET = 3.0
 
 
+def launches_add_up(is_causal: bool, cfg: HyperConfig) -> bool:
+    """Several launches add into one output / gradient row: the causal recursion (its levels
+    and exact leaves) or sortLSH plus a window/sinks pattern. The forward merges those through
+    its output; the backward keeps fp32 dQ/dK/dV (else written once, in the input dtype)."""
+    recursive = is_causal and cfg.causal_algo == "recursive"
+    return cfg.uses_lsh and (recursive or cfg.window > 0 or cfg.sinks > 0)
+
+
 def head_groups(q, k, v, is_causal: bool, cfg: HyperConfig):
     """[(kv head slice, q head slice)]: the heads whose backward runs together.
 
-    Where several launches add into one gradient row (the causal recursion's levels and leaves,
-    or an approximation plus a window/sinks pattern) the backward keeps fp32 dQ/dK/dV. Heads are
-    independent, so they run in groups small enough that those buffers stay within
-    ``GROUP_BUDGET`` x the bytes of q; one group (no copies) when nothing accumulates or it all
-    fits. Grouping changes no result: every launch is per head.
+    Where several launches add into one gradient row (``launches_add_up``) the backward keeps
+    fp32 dQ/dK/dV. Heads are independent, so they run in groups small enough that those
+    buffers stay within ``GROUP_BUDGET`` x the bytes of q; one group (no copies) when nothing
+    accumulates or it all fits. Grouping changes no result: every launch is per head.
     """
     batch, q_heads, nq, dim = q.shape
     kv_heads, nk, dim_v = k.shape[1], k.shape[2], v.shape[-1]
-    recursive = is_causal and cfg.causal_algo == "recursive" and nq > cfg.min_seq_len
-    pattern = cfg.window > 0 or cfg.sinks > 0
-    if not cfg.uses_lsh or not (recursive or pattern) or kv_heads == 1:
+    if not launches_add_up(is_causal, cfg) or kv_heads == 1:
         return [(slice(0, kv_heads), slice(0, q_heads))]
     group = q_heads // kv_heads
+    recursive = is_causal and cfg.causal_algo == "recursive"
     levels = max(1, math.ceil(math.log2(max(nq / cfg.min_seq_len, 1)))) if recursive else 1
     rows = batch * group * nq  # query rows per KV head
     # every level's int32 orders and inverses (the backward keeps them), int16 ranks
@@ -444,18 +450,15 @@ def _backward(call: _Call, grad_out):
         DV=dim_v, BLOCK_DV=triton.next_power_of_2(dim_v), BLOCK=64,
     )  # fmt: skip
     diagonal = plan is not None and plan.leaf_start is not None
-    # launches before the pattern's wrote dQ/dK/dV: it adds to them
-    pattern_adds = plan is not None and call.pattern is not None
-    # dQ rows have one writer unless several launches add up (recursive, or with a pattern)
-    dq_dtype = torch.float32 if diagonal or pattern_adds else q.dtype
-    dq = torch.empty(batch, q_heads, nq, dim, dtype=dq_dtype, device=q.device)
-    # one level and no pattern, or a pattern alone: every key row has one writer (its block's
-    # or its window's program), so dK/dV are written in the input dtype; the atomics of the
+    # Unless launches add up, every gradient row has one writer (its tile's, block's or
+    # window's program): dQ/dK/dV are written in the input dtype, and the atomics of the
     # samples (one fp32 row per distinct sampled key, ``compact``) or of the sinks (fp32 rows
-    # of the sinks) go to small buffers merged once. Otherwise fp32 dK/dV that launches add to
-    one_writer = plan is None or (not diagonal and call.pattern is None)
-    compact = plan is not None and one_writer
-    kv_dtype = k.dtype if one_writer else torch.float32
+    # of the sinks) go to small buffers merged once. Otherwise fp32 dQ/dK/dV that launches add to
+    adds_up = launches_add_up(call.causal, call.cfg)
+    grad_dtype = torch.float32 if adds_up else None
+    compact = plan is not None and not adds_up
+    dq = torch.empty(batch, q_heads, nq, dim, dtype=grad_dtype or q.dtype, device=q.device)
+    kv_dtype = grad_dtype or k.dtype
     dk = torch.empty(batch, kv_heads, nk, dim, dtype=kv_dtype, device=q.device)
     dv = torch.empty(batch, kv_heads, nk, dim_v, dtype=kv_dtype, device=q.device)
     common = (call.scale, call.scale * LOG2E, *call.strides(q, k, v, grad_out))
@@ -514,7 +517,7 @@ def _backward(call: _Call, grad_out):
                 )  # fmt: skip
     if call.pattern is not None:
         _pattern_backward(call, common, kw, lse, delta, grad_out, dq, dk, dv,
-                          accumulate=diagonal or pattern_adds)  # fmt: skip
+                          accumulate=adds_up)  # fmt: skip
     return dq, dk, dv
 
 
