@@ -89,6 +89,11 @@ class HyperConfig:
     def uses_lsh(self) -> bool:
         return self.method == "hyper"
 
+    def causal_recursion(self, is_causal: bool) -> bool:
+        """Whether a call runs the paper's causal recursion (Algorithm 4): a causal call with
+        sortLSH and ``causal_algo="recursive"``."""
+        return is_causal and self.uses_lsh and self.causal_algo == "recursive"
+
     @property
     def uses_samples(self) -> bool:
         return self.method in ("hyper", "select") and self.sample_size > 0

@@ -116,7 +116,7 @@ def _approximate(q, k, v, is_causal, scale, cfg):
 def one_exact_leaf(nq: int, is_causal: bool, cfg: HyperConfig) -> bool:
     """The causal recursion on ``nq <= min_seq_len`` rows is one exact leaf: exact attention,
     which SDPA computes faster and in less memory than any approximation kernel."""
-    return is_causal and cfg.uses_lsh and cfg.causal_algo == "recursive" and nq <= cfg.min_seq_len
+    return cfg.causal_recursion(is_causal) and nq <= cfg.min_seq_len
 
 
 def _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, params) -> Tensor:

@@ -308,7 +308,7 @@ def hyper_attention_reference(
         return out, lse.reshape(batch, q_heads, nq).float()
 
     call = _Call(qg, k_acc, v_acc, 0, 0, is_causal, False, q_ranks, k_ranks, config)
-    if is_causal and config.uses_lsh and config.causal_algo == "recursive":
+    if config.causal_recursion(is_causal):
         out, lse = _causal_recursive(call)
     else:
         call.only_past = is_causal

@@ -168,7 +168,7 @@ def make_plan(
     n_sm: int = 132,
 ) -> Plan:
     """The plan of one call shape (cached: build cost is paid once per shape)."""
-    recursive = is_causal and cfg.causal_algo == "recursive"
+    recursive = cfg.causal_recursion(is_causal)
     if not recursive:
         rows = [_sub_row(0, nq, 0, nk, cfg.block_size)]
         level = _level(rows, cfg, batch, kv_heads, device, block_m, block_n, n_sm)
