@@ -64,6 +64,19 @@ def timed(fn, budget_ms: float = 300.0, max_iters: int = 50) -> float:
     return statistics.median(times)
 
 
+# forward rows also timed back to back (``ms_b2b``): calls queued without a sync between them,
+# so the host issues the next call's launches while the GPU runs this one, as in a model's
+# stream. ``timed`` syncs after every call and so also counts the host's launch time.
+BACK_TO_BACK = ("sdpa", "hyper", "hyper_flat")
+
+
+def back_to_back(fn) -> float:
+    """Median ms of ``fn()`` by ``triton.testing.do_bench`` (no sync between calls)."""
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
 def peak_mb(fn, inputs) -> float:
     """Peak memory of ``fn()``: its inputs plus the most it allocated on top of what was live."""
     import torch
@@ -194,6 +207,8 @@ def bench_length(
                 try:
                     with torch.no_grad() if kind == "fwd" else torch.enable_grad():
                         ms = timed(call)
+                        if kind == "fwd" and impl in BACK_TO_BACK:
+                            row["ms_b2b"] = back_to_back(call)
                         mem = peak_mb(call, (q, k, v) if kind == "fwd" else (q, k, v, g))
                         if kind == "fwd":
                             out = call().detach()
@@ -332,7 +347,39 @@ def markdown(rows: list[dict]) -> str:
                 + f" | {err('hyper')} / {err('hyper_flat')} |"
             )
         lines.append("")
+        lines += markdown_back_to_back([r for r in rows if r["setting"] == setting])
     return "\n".join(lines)
+
+
+def markdown_back_to_back(rows: list[dict]) -> list[str]:
+    """Forward ms timed back to back; the speedup divides SDPA's lower time of the two
+    timings (synced or back to back) by hyper's back-to-back time."""
+    cells: dict = {}
+    for r in rows:
+        if r["pass"] == "fwd" and "ms_b2b" in r:
+            cells.setdefault((r["n"], r["causal"]), {})[r["impl"]] = r
+    if not cells:
+        return []
+    lines = [
+        "Forward, back to back (ms; speedup vs SDPA's lower time of the two timings):",
+        "",
+        "| n | mask | sdpa synced / b2b | hyper b2b | hyper_flat b2b |",
+        "|---|---|---|---|---|",
+    ]
+    for (n, causal), cell in cells.items():
+        sdpa = cell.get("sdpa")
+        best = min(sdpa["ms"], sdpa["ms_b2b"]) if sdpa else None
+
+        def fmt(impl, cell=cell, best=best):
+            r = cell.get(impl)
+            if r is None:
+                return "-"
+            return f"{r['ms_b2b']:.2f}" + (f" ({best / r['ms_b2b']:.1f}x)" if best else "")
+
+        sdpa_cell = f"{sdpa['ms']:.2f} / {sdpa['ms_b2b']:.2f}" if sdpa else "-"
+        mask = "causal" if causal else "none"
+        lines.append(f"| {n} | {mask} | {sdpa_cell} | {fmt('hyper')} | {fmt('hyper_flat')} |")
+    return lines + [""]
 
 
 def markdown_patterns(rows: list[dict]) -> str:

@@ -177,6 +177,9 @@ def cases(quick: bool):
         for mode in MODES:
             yield (2, 6, 2, 4096 + 1000 + 3, 64, mode, torch.bfloat16, True)
         yield (1, 4, 4, 9000, 128, "recursive", torch.float16, True)
+        # lengths that fill every tile: the kernels' unmasked path (Level.even)
+        yield (1, 4, 2, 8192, 64, "noncausal", torch.bfloat16, True)
+        yield (1, 4, 2, 16384, 128, "recursive", torch.float16, True)
         return
     for mode in MODES:
         for n in (4096, 16384 + 7, 65536, 131072):

@@ -19,6 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CANDIDATES = {
     64: [
+        # session 5: with the samples' rows compact (approx.py), 64-row tiles ran the simplified
+        # forward of benchmarks/explore_forward.py in 0.71 ms (2 stages) vs 0.77 (128 rows)
+        dict(block_m=64, block_n=64, bwd_block_m=64, fwd_warps=4, bwd_warps=4, stages=3),
         dict(block_m=128, block_n=64, bwd_block_m=64, fwd_warps=4, bwd_warps=4, stages=2),
         dict(block_m=128, block_n=64, bwd_block_m=64, fwd_warps=8, bwd_warps=8, stages=2),
         dict(block_m=128, block_n=64, bwd_block_m=64, fwd_warps=4, bwd_warps=4, stages=3),
@@ -45,27 +48,44 @@ CASES = [
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--cases", nargs="+", default=None, help="setting:n:causal, e.g. paper:131072:1"
+    )
+    parser.add_argument("--candidates", nargs="+", type=int, default=None, help="indices to run")
     args = parser.parse_args()
+    cases = CASES
+    if args.cases:
+        cases = [
+            (c.split(":")[0], int(c.split(":")[1]), c.split(":")[2] == "1") for c in args.cases
+        ]
     import torch
+    import triton
     from torch.profiler import ProfilerActivity, profile
 
     from benchmarks.bench_attention import SETTINGS, implementations, timed
     from hyperpass import kernels
 
     results = []
-    for setting, n, causal in CASES:
+    for setting, n, causal in cases:
         s = SETTINGS[setting]
         q = torch.randn(1, s["q_heads"], n, s["dim"], device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, s["kv_heads"], n, s["dim"], device="cuda", dtype=torch.bfloat16)
         v, g = torch.randn_like(k), torch.randn_like(q)
         inputs = (q, k, v, g)
         fwd, fwd_bwd = implementations(s, causal)["hyper"]
-        for cand in CANDIDATES[s["dim"]]:
+        chosen = CANDIDATES[s["dim"]]
+        if args.candidates:
+            chosen = [chosen[i] for i in args.candidates if i < len(chosen)]
+        for cand in chosen:
             kernels.set_tuning(kernels.Tuning(**cand))
             row = {"setting": setting, "n": n, "causal": causal, **cand}
             try:
                 row["fwd_ms"] = timed(lambda f=fwd, x=inputs: f(*x), max_iters=20)
                 row["fwd_bwd_ms"] = timed(lambda f=fwd_bwd, x=inputs: f(*x), max_iters=10)
+                # back to back, the host ahead of the GPU: the kernels' own time
+                row["fwd_b2b_ms"] = triton.testing.do_bench(
+                    lambda f=fwd, x=inputs: f(*x), return_mode="median"
+                )
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     fwd_bwd(*inputs)
                     torch.cuda.synchronize()

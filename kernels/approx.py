@@ -51,6 +51,60 @@ def _sample_keys(SAMPLES, KINV, s, b, hkv, batch, kv_heads, n_keys, n_samples, k
 
 
 @triton.jit
+def _gather_samples_kernel(
+    K, V, KINV, SAMPLES, SUBS, KS, VS, SBLK,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    batch, kv_heads, n_keys, n_samples, bsize,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Compact copies of one level's sampled keys. Row ``r = (s * B + b) * Hkv + hkv`` of
+    KS/VS [r, m, D] holds the K/V rows of the samples of sub-problem ``s`` (as ``SAMPLES``), and
+    SBLK [r, m] their sortLSH block ids. Every query tile of a head reads the same samples:
+    gathered once here, the tiles' loads are contiguous and wait on no index load (measured on
+    an H100: the fused forward at 131072 takes 0.76 ms instead of 0.87)."""
+    row = tl.program_id(1)
+    hkv = row % kv_heads
+    b = (row // kv_heads) % batch
+    s = row // (kv_heads * batch)
+    k_off = tl.load(SUBS + s * 8 + 2)
+    sc = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = sc < n_samples
+    at = row.to(tl.int64) * n_samples + sc
+    kpos = k_off + tl.load(SAMPLES + at, mask=ok, other=0)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
+    k = _load_rows(k_base, kpos, stride_kn, d, D, ok)
+    v = _load_rows(v_base, kpos, stride_vn, dv, DV, ok)
+    tl.store(KS + at[:, None] * D + d[None, :], k, mask=ok[:, None] & (d < D)[None, :])
+    tl.store(VS + at[:, None] * DV + dv[None, :], v, mask=ok[:, None] & (dv < DV)[None, :])
+    inv = tl.load(KINV + (b * kv_heads + hkv).to(tl.int64) * n_keys + kpos, mask=ok, other=0)
+    tl.store(SBLK + at, (inv - k_off) // bsize, mask=ok)
+
+
+@triton.jit
+def _sample_tile(
+    KS, VS, SBLK, SAMPLES, row, n_samples, k_off, sc, d, dv,
+    D: tl.constexpr, DV: tl.constexpr, ONLY_PAST: tl.constexpr, PATTERN: tl.constexpr,
+    EVEN: tl.constexpr,
+):  # fmt: skip
+    """Samples ``sc`` of row ``row`` of the compact copies (``_gather_samples_kernel``):
+    (K rows, V rows, block ids, key positions (only where a mask needs them), valid)."""
+    s_ok = sc < n_samples
+    at = row * n_samples + sc
+    k = _load_rows(KS, at, D, d, D, s_ok, EVEN)
+    v = _load_rows(VS, at, DV, dv, DV, s_ok, EVEN)
+    sblk = tl.load(SBLK + at, mask=s_ok, other=0)
+    kpos = sc
+    if ONLY_PAST or PATTERN:
+        kpos = k_off + tl.load(SAMPLES + at, mask=s_ok, other=0)
+    return k, v, sblk, kpos, s_ok
+
+
+@triton.jit
 def _past_and_not_exact(
     qpos, kpos, window, dilation, sinks,
     ONLY_PAST: tl.constexpr, PATTERN: tl.constexpr, CAUSAL_WINDOW: tl.constexpr,
@@ -67,7 +121,7 @@ def _past_and_not_exact(
 @triton.jit
 def _approx_fwd_kernel(
     Q, K, V, OUT, LSE,
-    QORD, KORD, KINV, SAMPLES, SUBS, TILES,
+    QORD, KORD, SAMPLES, KS, VS, SBLK, SUBS, TILES,
     qk_scale,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -80,7 +134,10 @@ def _approx_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MERGE: tl.constexpr, ONLY_PAST: tl.constexpr, PRECISION: tl.constexpr,
     PATTERN: tl.constexpr, CAUSAL_WINDOW: tl.constexpr, SEED_SELF: tl.constexpr,
+    EVEN: tl.constexpr,
 ):  # fmt: skip
+    """``EVEN`` (``Level.even`` and head dims that are powers of two): no tile has a row, key
+    or sample past its end, so the loads, the store and the scores need no masks."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // q_heads
@@ -102,7 +159,7 @@ def _approx_fwd_kernel(
     v_base = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
     o_base = OUT + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh
     lse_base = LSE + pid_bh.to(tl.int64) * n_queries
-    q = _load_rows(q_base, qpos, stride_qn, d, D, row_ok)
+    q = _load_rows(q_base, qpos, stride_qn, d, D, row_ok, EVEN)
 
     if MERGE:  # continue from the parts already merged into OUT / LSE
         prev = tl.load(lse_base + qpos, mask=row_ok, other=float("-inf"))
@@ -111,10 +168,10 @@ def _approx_fwd_kernel(
         l_i = tl.where(has, 1.0, 0.0)
         acc = _load_rows(o_base, qpos, stride_on, dv, DV, row_ok & has).to(tl.float32)
     elif SEED_SELF:  # the query's own key: the reference's window of one
-        k_self = _load_rows(k_base, qpos, stride_kn, d, D, row_ok)
+        k_self = _load_rows(k_base, qpos, stride_kn, d, D, row_ok, EVEN)
         m_i = tl.sum(q.to(tl.float32) * k_self.to(tl.float32), axis=1) * qk_scale
         l_i = tl.where(row_ok, 1.0, 0.0)
-        acc = _load_rows(v_base, qpos, stride_vn, dv, DV, row_ok).to(tl.float32)
+        acc = _load_rows(v_base, qpos, stride_vn, dv, DV, row_ok, EVEN).to(tl.float32)
     else:
         m_i = tl.full([BLOCK_M], FLOOR, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -127,27 +184,27 @@ def _approx_fwd_kernel(
         cols = kb * bsize + offs
         col_ok = (offs < bsize) & (cols < nk)
         kpos = tl.load(kord_base + cols, mask=col_ok, other=0)
-        k = _load_rows(k_base, kpos, stride_kn, d, D, col_ok)
-        v = _load_rows(v_base, kpos, stride_vn, dv, DV, col_ok)
+        k = _load_rows(k_base, kpos, stride_kn, d, D, col_ok, EVEN)
+        v = _load_rows(v_base, kpos, stride_vn, dv, DV, col_ok, EVEN)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if ONLY_PAST or PATTERN:
             keep = col_ok[None, :] & _past_and_not_exact(
                 qpos, kpos, window, dilation, sinks, ONLY_PAST, PATTERN, CAUSAL_WINDOW
             )
             scores = tl.where(keep, scores, float("-inf"))
-        else:  # rows past the tile hold zeros: finite, and never stored
+        elif not EVEN:  # rows past the tile hold zeros: finite, and never stored
             scores = tl.where(col_ok[None, :], scores, float("-inf"))
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, scores, v, PRECISION)
 
     # the uniform samples, weight nk/m, minus the keys of the query's own block
     log2_weight = tl.log2(nk.to(tl.float32) / tl.maximum(n_samples, 1))
+    sample_row = ((s * batch + b) * kv_heads + hkv).to(tl.int64)
     for s0 in range(0, n_samples, BLOCK_N):
         sc = s0 + tl.arange(0, BLOCK_N)
-        kpos, sblk, s_ok = _sample_keys(
-            SAMPLES, KINV, s, b, hkv, batch, kv_heads, n_keys, n_samples, k_off, bsize, sc
-        )
-        k = _load_rows(k_base, kpos, stride_kn, d, D, s_ok)
-        v = _load_rows(v_base, kpos, stride_vn, dv, DV, s_ok)
+        k, v, sblk, kpos, s_ok = _sample_tile(
+            KS, VS, SBLK, SAMPLES, sample_row, n_samples, k_off, sc, d, dv,
+            D, DV, ONLY_PAST, PATTERN, EVEN,
+        )  # fmt: skip
         keep = (s_ok & (sblk != kb))[None, :]
         if ONLY_PAST or PATTERN:
             keep = keep & _past_and_not_exact(
@@ -157,13 +214,13 @@ def _approx_fwd_kernel(
         scores = tl.where(keep, scores, float("-inf"))
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, scores, v, PRECISION)
 
-    _store_out_lse(o_base, lse_base, qpos, row_ok, stride_on, dv, DV, acc, l_i, m_i)
+    _store_out_lse(o_base, lse_base, qpos, row_ok, stride_on, dv, DV, acc, l_i, m_i, EVEN)
 
 
 @triton.jit
 def _approx_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    QORD, KORD, KINV, SAMPLES, SUBS, TILES,
+    QORD, KORD, SAMPLES, KS, VS, SBLK, SUBS, TILES,
     sm_scale, qk_scale,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -176,9 +233,11 @@ def _approx_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ACCUMULATE: tl.constexpr, ONLY_PAST: tl.constexpr, PRECISION: tl.constexpr,
     PATTERN: tl.constexpr, CAUSAL_WINDOW: tl.constexpr, SEED_SELF: tl.constexpr,
+    EVEN: tl.constexpr,
 ):  # fmt: skip
     """dQ of one tile of sorted queries. DO is read with the ``stride_o*`` strides; DQ is
-    contiguous [B, Hq, N, D], fp32 when ACCUMULATE (other launches add to it), else any dtype."""
+    contiguous [B, Hq, N, D], fp32 when ACCUMULATE (other launches add to it), else any dtype.
+    ``EVEN`` as in the forward."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // q_heads
@@ -200,8 +259,8 @@ def _approx_dq_kernel(
     v_base = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
     do_base = DO + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh
     row_base = pid_bh.to(tl.int64) * n_queries
-    q = _load_rows(q_base, qpos, stride_qn, d, D, row_ok)
-    do = _load_rows(do_base, qpos, stride_on, dv, DV, row_ok)
+    q = _load_rows(q_base, qpos, stride_qn, d, D, row_ok, EVEN)
+    do = _load_rows(do_base, qpos, stride_on, dv, DV, row_ok, EVEN)
     lse2 = tl.load(LSE + row_base + qpos, mask=row_ok, other=0.0) * 1.4426950408889634
     lse2 = tl.where(lse2 > float("-inf"), lse2, 0.0)
     delta = tl.load(DELTA + row_base + qpos, mask=row_ok, other=0.0)
@@ -221,27 +280,30 @@ def _approx_dq_kernel(
         cols = kb * bsize + offs
         col_ok = (offs < bsize) & (cols < nk)
         kpos = tl.load(kord_base + cols, mask=col_ok, other=0)
-        k = _load_rows(k_base, kpos, stride_kn, d, D, col_ok)
-        v = _load_rows(v_base, kpos, stride_vn, dv, DV, col_ok)
-        keep = row_ok[:, None] & col_ok[None, :]
+        k = _load_rows(k_base, kpos, stride_kn, d, D, col_ok, EVEN)
+        v = _load_rows(v_base, kpos, stride_vn, dv, DV, col_ok, EVEN)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.exp2(scores - lse2[:, None])
         if ONLY_PAST or PATTERN:
+            keep = row_ok[:, None] & col_ok[None, :]
             keep = keep & _past_and_not_exact(
                 qpos, kpos, window, dilation, sinks, ONLY_PAST, PATTERN, CAUSAL_WINDOW
             )
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.where(keep, tl.exp2(scores - lse2[:, None]), 0.0)
+            p = tl.where(keep, p, 0.0)
+        elif not EVEN:
+            p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
     log2_weight = tl.log2(nk.to(tl.float32) / tl.maximum(n_samples, 1))
+    sample_row = ((s * batch + b) * kv_heads + hkv).to(tl.int64)
     for s0 in range(0, n_samples, BLOCK_N):
         sc = s0 + tl.arange(0, BLOCK_N)
-        kpos, sblk, s_ok = _sample_keys(
-            SAMPLES, KINV, s, b, hkv, batch, kv_heads, n_keys, n_samples, k_off, bsize, sc
-        )
-        k = _load_rows(k_base, kpos, stride_kn, d, D, s_ok)
-        v = _load_rows(v_base, kpos, stride_vn, dv, DV, s_ok)
+        k, v, sblk, kpos, s_ok = _sample_tile(
+            KS, VS, SBLK, SAMPLES, sample_row, n_samples, k_off, sc, d, dv,
+            D, DV, ONLY_PAST, PATTERN, EVEN,
+        )  # fmt: skip
         keep = row_ok[:, None] & (s_ok & (sblk != kb))[None, :]
         if ONLY_PAST or PATTERN:
             keep = keep & _past_and_not_exact(
@@ -258,7 +320,10 @@ def _approx_dq_kernel(
     dq = dq * sm_scale
     if ACCUMULATE:
         dq += tl.load(dq_ptrs, mask=mask, other=0.0)
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
+    if EVEN:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty))
+    else:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -33,6 +33,7 @@ from .approx import (
     _approx_dkdv_sample_kernel,
     _approx_dq_kernel,
     _approx_fwd_kernel,
+    _gather_samples_kernel,
     _sample_merge_kernel,
 )
 from .exact import _diag_dkdv_kernel, _diag_dq_kernel, _diag_fwd_kernel
@@ -193,6 +194,12 @@ class _Call:
             return self.plan.leaf_start
         return torch.zeros(1, dtype=torch.int32, device=self.q.device)  # unused
 
+    def even(self, level) -> bool:
+        """No tile of ``level`` runs past its rows, keys or samples, and the head dims are
+        their own tile widths: the approximated kernels drop their masks."""
+        dims = (self.q.shape[-1], self.v.shape[-1])
+        return level.even and all(d == triton.next_power_of_2(d) for d in dims)
+
     def strides(self, *tensors):
         return [s for t in tensors for s in t.stride()[:3]]
 
@@ -250,6 +257,27 @@ def _setup(q, k, v, is_causal: bool, scale: float | None, cfg: HyperConfig, back
 def _samples(level) -> torch.Tensor:
     s = level.samples
     return s if s.numel() else torch.zeros(1, dtype=torch.int32, device=s.device)
+
+
+def _sample_rows(call: _Call, level, k_inverse) -> tuple:
+    """(sample indices, K rows, V rows, block ids) of one level's samples, the compact copies
+    that the forward and dQ kernels read (``_gather_samples_kernel``): m rows per sub-problem
+    and KV head, the same for every query tile."""
+    k, v = call.k, call.v
+    subs, batch, kv_heads, m = level.samples.shape
+    if m == 0:
+        dummy = _samples(level)
+        return dummy, k, v, dummy
+    ks = torch.empty(subs, batch, kv_heads, m, k.shape[-1], dtype=k.dtype, device=k.device)
+    vs = torch.empty(subs, batch, kv_heads, m, v.shape[-1], dtype=v.dtype, device=v.device)
+    blocks = torch.empty(subs, batch, kv_heads, m, dtype=torch.int32, device=k.device)
+    kw = call.shape_kwargs(4)
+    _gather_samples_kernel[(triton.cdiv(m, 64), subs * batch * kv_heads)](
+        k, v, k_inverse, level.samples, level.subs, ks, vs, blocks,
+        *call.strides(k, v), batch, kv_heads, k.shape[2], m, call.cfg.block_size,
+        D=kw["D"], DV=kw["DV"], BLOCK_D=kw["BLOCK_D"], BLOCK_DV=kw["BLOCK_DV"], BLOCK_N=64,
+    )  # fmt: skip
+    return level.samples, ks, vs, blocks
 
 
 # ----------------------------------------------------------------------------- forward
@@ -352,16 +380,17 @@ def _forward(call: _Call):
 def _approx_forward(call: _Call, index: int, out, lse, merge: bool) -> None:
     q, k, v, level = call.q, call.k, call.v, call.plan.levels[index]
     batch, q_heads, nq, _ = q.shape
+    q_order, k_order, k_inverse = call.orders(index)
     grid = (level.q_tiles.shape[0], batch * q_heads)
     _approx_fwd_kernel[grid](
-        q, k, v, out, lse, *call.orders(index), _samples(level),
+        q, k, v, out, lse, q_order, k_order, *_sample_rows(call, level, k_inverse),
         level.subs, level.q_tiles,
         call.scale * LOG2E,
         *call.strides(q, k, v, out),
         batch, q_heads, k.shape[1], nq, k.shape[2], level.samples.shape[-1],
         call.cfg.block_size, *call.exclusion_args(),
         BLOCK_M=call.tune.block_m, BLOCK_N=call.tune.block_n, MERGE=merge,
-        ONLY_PAST=call.plan.only_past, num_stages=call.tune.stages,
+        ONLY_PAST=call.plan.only_past, EVEN=call.even(level), num_stages=call.tune.stages,
         **call.exclusion_flags(), **call.shape_kwargs(call.tune.fwd_warps),
     )  # fmt: skip
 
@@ -479,12 +508,12 @@ def _backward(call: _Call, grad_out):
         q_ord, k_ord, k_inv = call.orders(index)
         n_samples = level.samples.shape[-1]
         _approx_dq_kernel[(level.q_tiles.shape[0], batch * q_heads)](
-            q, k, v, grad_out, lse, delta, dq, q_ord, k_ord, k_inv, _samples(level),
-            level.subs, level.q_tiles, *common,
+            q, k, v, grad_out, lse, delta, dq, q_ord, k_ord,
+            *_sample_rows(call, level, k_inv), level.subs, level.q_tiles, *common,
             batch, q_heads, kv_heads, nq, nk, n_samples, call.cfg.block_size,
             *call.exclusion_args(),
             BLOCK_M=tune.block_m, BLOCK_N=tune.block_n, ACCUMULATE=diagonal,
-            ONLY_PAST=plan.only_past, **call.exclusion_flags(), **kw,
+            ONLY_PAST=plan.only_past, EVEN=call.even(level), **call.exclusion_flags(), **kw,
         )  # fmt: skip
         _approx_dkdv_block_kernel[(level.k_tiles.shape[0], batch * kv_heads)](
             q, k, v, grad_out, lse, delta, dk, dv, q_ord, k_ord, level.subs, level.k_tiles,

@@ -17,9 +17,12 @@ FLOOR = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _load_rows(PTR, rows, stride_n, cols, n_cols, row_ok):
-    """Rows ``rows`` (int, [R]) of a [N, C] matrix at PTR: [R, BLOCK_C]."""
+def _load_rows(PTR, rows, stride_n, cols, n_cols, row_ok, EVEN: tl.constexpr = False):
+    """Rows ``rows`` (int, [R]) of a [N, C] matrix at PTR: [R, BLOCK_C]. ``EVEN``: every row is
+    valid and BLOCK_C == C, so the load needs no mask."""
     offs = rows[:, None].to(tl.int64) * stride_n + cols[None, :]
+    if EVEN:
+        return tl.load(PTR + offs)
     return tl.load(PTR + offs, mask=row_ok[:, None] & (cols < n_cols)[None, :], other=0.0)
 
 
@@ -52,14 +55,21 @@ def _softmax_step(acc, l_i, m_i, scores, v, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _store_out_lse(o_base, lse_base, rows, row_ok, stride_on, dv, DV, acc, l_i, m_i):
+def _store_out_lse(
+    o_base, lse_base, rows, row_ok, stride_on, dv, DV, acc, l_i, m_i, EVEN: tl.constexpr = False
+):
     """Final rows of a forward: out = acc / l in O's dtype at ``rows`` of ``o_base`` and the
-    natural-log lse at ``lse_base + rows`` (-inf for a row that saw no key, with out = 0)."""
+    natural-log lse at ``lse_base + rows`` (-inf for a row that saw no key, with out = 0).
+    ``EVEN`` as in ``_load_rows``."""
     nonempty = l_i > 0
     safe_l = tl.where(nonempty, l_i, 1.0)
     out = acc / safe_l[:, None]
     lse = tl.where(nonempty, (m_i + tl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
     o_offs = rows[:, None].to(tl.int64) * stride_on + dv[None, :]
-    mask = row_ok[:, None] & (dv < DV)[None, :]
-    tl.store(o_base + o_offs, out.to(o_base.dtype.element_ty), mask=mask)
-    tl.store(lse_base + rows, lse, mask=row_ok)
+    if EVEN:
+        tl.store(o_base + o_offs, out.to(o_base.dtype.element_ty))
+        tl.store(lse_base + rows, lse)
+    else:
+        mask = row_ok[:, None] & (dv < DV)[None, :]
+        tl.store(o_base + o_offs, out.to(o_base.dtype.element_ty), mask=mask)
+        tl.store(lse_base + rows, lse, mask=row_ok)

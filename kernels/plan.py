@@ -43,6 +43,8 @@ class Level:
         sample_keys: [S, B, Hkv, m] int32 the distinct sampled keys (local), padded with -1:
             the backward sums each distinct key's gradient once (samples repeat).
         q_split: queries per split in ``s_tiles`` (a multiple of the row block).
+        even: no query tile, key step or sample step of the forward/dQ programs runs past the
+            end of its block or sub-problem (the kernels then need no masks).
     """
 
     subs: torch.Tensor
@@ -53,6 +55,7 @@ class Level:
     sample_slot: torch.Tensor
     sample_keys: torch.Tensor
     q_split: int
+    even: bool = False
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,14 @@ def _level(rows, cfg, batch, kv_heads, device, block_m, block_n, n_sm) -> Level:
     def table(x):
         return torch.tensor(x, dtype=torch.int32).reshape(-1, 3).to(device)
 
+    even = (
+        cfg.block_size % block_n == 0
+        and m % block_n == 0
+        and all(qpb % block_m == 0 and nq % qpb == 0 and nk % cfg.block_size == 0
+                for _, nq, _, nk, qpb, *_ in rows)
+    )  # fmt: skip
     return Level(
+        even=even,
         subs=torch.tensor(rows, dtype=torch.int32).to(device),
         q_tiles=table(q_tiles),
         k_tiles=table(k_tiles),

@@ -158,6 +158,23 @@ def test_fp16_noncausal_forward():
 
 
 @pytest.mark.parametrize(
+    "is_causal,algo,window",
+    [(False, "recursive", 0), (True, "recursive", 0), (True, "flat", 0), (False, "recursive", 5)],
+    ids=["noncausal", "causal-recursive", "causal-flat", "noncausal-window"],
+)
+def test_even_tiles_run_unmasked(is_causal, algo, window):
+    """Lengths that fill every tile, key step and sample step take the kernels' unmasked path
+    (``Level.even``); the odd lengths of the other tests take the masked one."""
+    from hyperpass.kernels.attention import _setup
+
+    cfg = SMALL.replace(causal_algo=algo, window=window)
+    q, k, v, grad = _inputs(2, 4, 2, 128, 128, 64, torch.float32)
+    call = _setup(q, k, v, is_causal, None, cfg, backward=False)
+    assert call.plan.levels and all(call.even(level) for level in call.plan.levels)
+    _check(q, k, v, grad, is_causal=is_causal, cfg=cfg)
+
+
+@pytest.mark.parametrize(
     "is_causal,change,shape",
     [
         (True, dict(), (2, 4, 2, 80, 80, 64)),
