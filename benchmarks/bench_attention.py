@@ -340,12 +340,15 @@ def markdown(rows: list[dict]) -> str:
                 return f"{r['rel_err']:.2f}" if r and "rel_err" in r else "-"
 
             mask = "causal" if key[2] else "none"
+            stale = " †" if any(r.get("stale") for r in cell.values()) else ""
             lines.append(
-                f"| {key[1]} | {mask} | {key[3]} | "
+                f"| {key[1]}{stale} | {mask} | {key[3]} | "
                 + " | ".join(fmt(i) for i in impls)
                 + f" | {mem('sdpa')} / {mem('hyper')} / {mem('hyper_flat')}"
                 + f" | {err('hyper')} / {err('hyper_flat')} |"
             )
+        if any(r.get("stale") for r in rows if r["setting"] == setting):
+            lines += ["† from an earlier run (the JSON's meta.note says which).", ""]
         lines.append("")
         lines += markdown_back_to_back([r for r in rows if r["setting"] == setting])
     return "\n".join(lines)

@@ -1,13 +1,15 @@
 """The approximated parts (sortLSH block + weighted uniform samples) of one level, fused.
 
-One program takes a tile of *sorted* queries of one sub-problem, gathers them, their key block
-and the sub-problem's sampled keys by index (no permuted copies of Q/K/V), and runs one online
-softmax over all of them: the sampled scores carry ``+log(nk/m)``, which is exactly the
-reference's log-sum-exp merge of the two parts. Samples whose key lies in the query's own block
-are skipped (the exclusion is a block-id comparison, no bias tensor). With ``ONLY_PAST`` (flat
-causal) every key after the query is masked and, without a pattern, the query's own key (the
-window of one that the reference adds) seeds the softmax (``SEED_SELF``). With ``PATTERN`` the keys
-of the window and the sinks (``kernels/pattern.py`` computes them) are skipped by position.
+One program takes a tile of *sorted* queries of one sub-problem, gathers them and their key block
+by index (no permuted copies of Q/K/V), reads the sub-problem's sampled keys from compact copies
+(``_gather_samples_kernel``: m rows per sub-problem and KV head, gathered once per level since
+every tile reads the same ones), and runs one online softmax over all of them: the sampled
+scores carry ``+log(nk/m)``, which is exactly the reference's log-sum-exp merge of the two parts.
+Samples whose key lies in the query's own block are skipped (the exclusion is a block-id
+comparison, no bias tensor). With ``ONLY_PAST`` (flat causal) every key after the query is masked
+and, without a pattern, the query's own key (the window of one that the reference adds) seeds
+the softmax (``SEED_SELF``). With ``PATTERN`` the keys of the window and the sinks
+(``kernels/pattern.py`` computes them) are skipped by position.
 
 The backward is split by who owns the gradient, so nothing but the samples needs atomics:
 ``_approx_dq_kernel`` (one program per query tile), ``_approx_dkdv_block_kernel`` (one program per
