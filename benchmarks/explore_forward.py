@@ -22,7 +22,6 @@ import triton
 import triton.language as tl
 
 from kernels.common import FLOOR, _softmax_step, _store_out_lse
-from kernels.hashing import _gray_rank
 
 
 @triton.jit
@@ -90,32 +89,6 @@ def _xfwd_kernel(
                 scores = tl.where((blk != kb)[None, :], scores, float("-inf"))
                 acc, l_i, m_i = _softmax_step(acc, l_i, m_i, scores, v, "tf32")
     _store_out_lse(OUT + h * n * 64, LSE + h * n, qpos, qpos >= 0, 64, d, 64, acc, l_i, m_i)
-
-
-@triton.jit
-def _rank_only_kernel(
-    X, PLANES, RANK, n_rows, scale,
-    R: tl.constexpr, N_SHIFTS: tl.constexpr, SUB: tl.constexpr,
-):  # fmt: skip
-    """Ranks (int16) of SUB rows, no counting: what the atomics cost."""
-    h = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * SUB + tl.arange(0, SUB)
-    cols = tl.arange(0, 64)
-    x = tl.load(X + h * n_rows * 64 + rows[:, None].to(tl.int64) * 64 + cols[None, :])
-    rank = _gray_rank(x.to(tl.float32) * scale, PLANES, cols, 64, R, N_SHIFTS)
-    tl.store(RANK + h * n_rows + rows, rank.to(tl.int16))
-
-
-@triton.jit
-def _hist_kernel(RANK, HIST, n_rows, BUCKETS: tl.constexpr, CHUNK: tl.constexpr):
-    """Histogram of one chunk's ranks, read back from memory (no atomics)."""
-    c = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    r = tl.load(RANK + h * n_rows + c * CHUNK + tl.arange(0, CHUNK)).to(tl.int32)
-    tl.store(
-        HIST + (h * (n_rows // CHUNK) + c) * BUCKETS + tl.arange(0, BUCKETS),
-        tl.histogram(r, BUCKETS),
-    )
 
 
 def _bench(fn, reps=50):
@@ -309,15 +282,11 @@ def hashing(q, k, v, cfg) -> dict:
         HS.scatter_warps = lambda chunk, w=warps: w
         res[f"k_scatter_w{warps}_ms"] = _bench(lambda: ksrt._scatter(0, 1))
     HS.scatter_warps = chosen
-    chosen = HS.rank_warps
     for dim, kv_heads in ((64, q.shape[1]), (128, 8)):
         x = torch.randn(1, kv_heads, q.shape[2], dim, device="cuda", dtype=torch.bfloat16)
-        for warps in (1, 2, 4, 8):
-            HS.rank_warps = lambda d, w=warps: w
-            res[f"count_scan_d{dim}_w{warps}_ms"] = _bench(
-                lambda x=x, dim=dim: HS.CountingSort(x, _planes(cfg, dim), 1.0, None)
-            )
-    HS.rank_warps = chosen
+        res[f"count_scan_d{dim}_ms"] = _bench(
+            lambda x=x, dim=dim: HS.CountingSort(x, _planes(cfg, dim), 1.0, None)
+        )
     return res
 
 

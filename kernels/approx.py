@@ -136,18 +136,20 @@ def _approx_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MERGE: tl.constexpr, ONLY_PAST: tl.constexpr, PRECISION: tl.constexpr,
     PATTERN: tl.constexpr, CAUSAL_WINDOW: tl.constexpr, SEED_SELF: tl.constexpr,
-    EVEN: tl.constexpr,
+    EVEN: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     """``EVEN`` (``Level.even`` and head dims that are powers of two): no tile has a row, key
-    or sample past its end, so the loads, the store and the scores need no masks."""
+    or sample past its end, so the loads, the store and the scores need no masks. ``SPLIT``
+    programs share one tile of ``TILES`` (its rows are SPLIT x BLOCK_M)."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // q_heads
     hq = pid_bh % q_heads
     hkv = hq // GROUP
-    s = tl.load(TILES + pid_t * 3)
-    j = tl.load(TILES + pid_t * 3 + 1)
-    t = tl.load(TILES + pid_t * 3 + 2)
+    tile = pid_t // SPLIT
+    s = tl.load(TILES + tile * 3)
+    j = tl.load(TILES + tile * 3 + 1)
+    t = tl.load(TILES + tile * 3 + 2) * SPLIT + pid_t % SPLIT
     q_off, nq, k_off, nk, qpb, q_blocks, k_blocks = _sub_params(SUBS, s)
     kb = tl.minimum(j, k_blocks - 1)
 

@@ -64,15 +64,15 @@ def _rank_kernel(
 
 
 @triton.jit
-def _rank_hist_kernel(
-    X, PLANES, RANK, HIST, CHUNKS,
+def _chunk_rank_kernel(
+    X, PLANES, RANK, CHUNKS,
     stride_xb, stride_xh, stride_xn,
-    heads, n_rows, n_chunks, scale,
+    heads, n_rows, scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr, N_SHIFTS: tl.constexpr,
-    BUCKETS: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+    CHUNK: tl.constexpr, SUB: tl.constexpr,
 ):  # fmt: skip
-    """Ranks (int16) of SUB rows of one chunk, counted into the chunk's histogram [BUCKETS]
-    (zeroed before). Many small programs: one program per chunk was 3x slower."""
+    """Ranks (int16) of SUB rows of one chunk. Many small programs: one program per chunk was
+    3x slower."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     c = pid // (CHUNK // SUB)
@@ -88,9 +88,24 @@ def _rank_hist_kernel(
     x = tl.load(base + offs, mask=ok[:, None] & (cols < D)[None, :], other=0.0)
     rank = _gray_rank(x.to(tl.float32) * scale, PLANES, cols, D, R, N_SHIFTS)
     tl.store(RANK + pid_bh.to(tl.int64) * n_rows + rows, rank.to(tl.int16), mask=ok)
-    # one atomic per row: tl.histogram (2x) and a one-hot sum (2.7x) made this kernel slower
-    # than the hashing alone on an H100
-    tl.atomic_add(HIST + (pid_bh.to(tl.int64) * n_chunks + c) * BUCKETS + rank, 1, mask=ok)
+
+
+@triton.jit
+def _chunk_hist_kernel(
+    RANK, HIST, CHUNKS, n_rows, n_chunks, BUCKETS: tl.constexpr, CHUNK: tl.constexpr
+):  # fmt: skip
+    """HIST[row, chunk] = how many of the chunk's ranks fall in each bucket (every bucket is
+    written: no zeroing). Counting here from the int16 ranks, not by an atomic per row in the
+    rank kernel, took the two from 0.122 to 0.110 ms per tensor (H100, 131072 x 12 heads)."""
+    c = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    start = tl.load(CHUNKS + c)
+    length = tl.load(CHUNKS + c + 1) - start
+    i = tl.arange(0, CHUNK)
+    rank = tl.load(RANK + row * n_rows + start + i, mask=i < length, other=0).to(tl.int32)
+    bucket = tl.arange(0, BUCKETS)
+    counts = tl.histogram(rank, BUCKETS) - tl.where(bucket == 0, CHUNK - length, 0)  # padding
+    tl.store(HIST + (row * n_chunks + c) * BUCKETS + bucket, counts)
 
 
 @triton.jit
@@ -237,15 +252,10 @@ MAX_COUNTING_BITS = 8  # up to 256 buckets; more hyperplanes take torch.sort
 _SCAN_CHUNKS = 32  # chunk rows per step of the scan kernel
 
 
-def rank_warps(dim: int) -> int:
-    """Warps of a 64-row rank program. Measured on an H100 at 131072 x 12 heads, D=64
-    (benchmarks/explore_forward.py): 0.12 ms with 2 warps, 0.17 with 4, 0.23 with 8."""
-    return 2 if dim <= 64 else 4
-
-
 def scatter_warps(chunk: int) -> int:
-    """Warps of a scatter program (one chunk): 64 positions each. Measured as above with
-    1024-position chunks: 0.056 ms with 16 warps, 0.067 with 8, 0.086 with 4."""
+    """Warps of a scatter program (one chunk): 64 positions each. Measured on an H100 at
+    131072 x 12 heads (benchmarks/explore_forward.py) with 1024-position chunks: 0.056 ms with
+    16 warps, 0.067 with 8, 0.086 with 4."""
     return max(1, min(16, chunk // 64))
 
 
@@ -274,15 +284,15 @@ def counting_sort_supported(num_projs: int) -> bool:
 class CountingSort:
     """Every level's stable sort of the rows of ``x`` by (segment, Gray-code rank), by counting.
 
-    Construction hashes and counts for all levels at once (two launches: ranks + per-chunk
-    histograms, then a scan of the histograms per segment of every level). Then, by default,
-    ``level(l)`` scatters one level's order in one launch, so a caller holds one level's int32
-    orders, not all ``L`` (``L`` grows as log N: all at once cost 12 bytes per query/key row
-    and level, ~12% of the causal forward's memory at 131072). The first scatter sorts each
-    chunk in registers and, when there are more levels, keeps its permutation (int16) for the
-    others. With ``keep_levels`` the first call scatters every level in one launch and keeps
-    them (the backward asks for each level twice: fewer launches for that memory). No device
-    sync.
+    Construction hashes and counts for all levels at once (three launches: int16 ranks, their
+    per-chunk histograms, a scan of the histograms per segment of every level). Then, by
+    default, ``level(l)`` scatters one level's order in one launch, so a caller holds one
+    level's int32 orders, not all ``L`` (``L`` grows as log N: all at once cost 12 bytes per
+    query/key row and level, ~12% of the causal forward's memory at 131072). The first scatter
+    sorts each chunk in registers and, when there are more levels, keeps its permutation
+    (int16) for the others. With ``keep_levels`` the first call scatters every level in one
+    launch and keeps them (the backward asks for each level twice: fewer launches for that
+    memory). No device sync.
 
     Args:
         x: [B, H, N, D]; planes: [D, r] with r <= MAX_COUNTING_BITS.
@@ -311,14 +321,17 @@ class CountingSort:
         self.shape = (batch, heads, n)
         n_chunks, rows = self.chunks.shape[0] - 1, batch * heads
         self.ranks = torch.empty(rows, n, dtype=torch.int16, device=x.device)
-        hist = torch.zeros(rows, n_chunks, self.buckets, dtype=torch.int32, device=x.device)
         sub = min(64, chunk)
-        _rank_hist_kernel[(n_chunks * (chunk // sub), rows)](
-            x, planes, self.ranks, hist, self.chunks, x.stride(0), x.stride(1), x.stride(2),
-            heads, n, n_chunks, scale,
+        _chunk_rank_kernel[(n_chunks * (chunk // sub), rows)](
+            x, planes, self.ranks, self.chunks, x.stride(0), x.stride(1), x.stride(2),
+            heads, n, scale,
             D=dim, BLOCK_D=triton.next_power_of_2(dim), R=num_projs,
-            N_SHIFTS=max(0, (num_projs - 1).bit_length()), BUCKETS=self.buckets, CHUNK=chunk,
-            SUB=sub, num_warps=rank_warps(dim),
+            N_SHIFTS=max(0, (num_projs - 1).bit_length()), CHUNK=chunk, SUB=sub,
+        )  # fmt: skip
+        hist = torch.empty(rows, n_chunks, self.buckets, dtype=torch.int32, device=x.device)
+        _chunk_hist_kernel[(n_chunks, rows)](
+            self.ranks, hist, self.chunks, n, n_chunks, BUCKETS=self.buckets, CHUNK=chunk,
+            num_warps=max(1, min(8, chunk // 128)),
         )  # fmt: skip
         self.table = torch.empty(
             self.levels, rows, n_chunks, self.buckets, dtype=torch.int32, device=x.device

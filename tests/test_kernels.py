@@ -157,6 +157,25 @@ def test_fp16_noncausal_forward():
     _check(*_inputs(1, 3, 1, 75, 75, 64, torch.float16), is_causal=False, cfg=SMALL, backward=False)
 
 
+@pytest.mark.parametrize("n,is_causal", [(128, False), (83, False), (90, True)])
+def test_one_level_forward_split_tiles(n, is_causal):
+    """A one-level forward may run several programs per tile of the plan
+    (``Tuning.one_level_fwd_rows``): same rows, same values as one program per tile."""
+    cfg = SMALL.replace(causal_algo="flat")
+    q, k, v, grad = _inputs(1, 3, 1, n, n, 64, torch.float32)
+    kw = dict(is_causal=is_causal, scale=None, config=cfg)
+    kernels.set_tuning(kernels.Tuning(block_m=32, block_n=16, bwd_block_m=16))
+    whole = kernels.hyper_attention_forward(q, k, v, **kw)
+    split = kernels.Tuning(block_m=32, block_n=16, bwd_block_m=16, one_level_fwd_rows=16)
+    kernels.set_tuning(split)
+    parts = kernels.hyper_attention_forward(q, k, v, **kw)
+    for a, b in zip(whole, parts, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    _check(q, k, v, grad, is_causal=is_causal, cfg=cfg, backward=False)
+    with pytest.raises(ValueError, match="one_level_fwd_rows"):
+        kernels.Tuning(block_m=32, one_level_fwd_rows=24)
+
+
 @pytest.mark.parametrize(
     "is_causal,algo,window",
     [(False, "recursive", 0), (True, "recursive", 0), (True, "flat", 0), (False, "recursive", 5)],
