@@ -72,9 +72,10 @@ def _gather_samples_kernel(
     s = row // (kv_heads * batch)
     k_off = tl.load(SUBS + s * 8 + 2)
     sc = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = sc < n_samples
+    kpos, blocks, ok = _sample_keys(
+        SAMPLES, KINV, s, b, hkv, batch, kv_heads, n_keys, n_samples, k_off, bsize, sc
+    )
     at = row.to(tl.int64) * n_samples + sc
-    kpos = k_off + tl.load(SAMPLES + at, mask=ok, other=0)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
@@ -83,8 +84,7 @@ def _gather_samples_kernel(
     v = _load_rows(v_base, kpos, stride_vn, dv, DV, ok)
     tl.store(KS + at[:, None] * D + d[None, :], k, mask=ok[:, None] & (d < D)[None, :])
     tl.store(VS + at[:, None] * DV + dv[None, :], v, mask=ok[:, None] & (dv < DV)[None, :])
-    inv = tl.load(KINV + (b * kv_heads + hkv).to(tl.int64) * n_keys + kpos, mask=ok, other=0)
-    tl.store(SBLK + at, (inv - k_off) // bsize, mask=ok)
+    tl.store(SBLK + at, blocks, mask=ok)
 
 
 @triton.jit
