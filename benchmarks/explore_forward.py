@@ -263,30 +263,133 @@ def variants(q, k, v, cfg) -> dict:
 
 
 def hashing(q, k, v, cfg) -> dict:
-    """The counting sort's launches; the rank kernel's warps at D=64 and D=128."""
+    """The counting sort: Q and K in the same launches vs one sort each (GPU and host time)."""
     from kernels import attention as A
     from kernels import hashing as HS
 
     call = A._setup(q, k, v, False, None, cfg, backward=False)
+    planes, edges = _planes(cfg, 64), call.plan.edges
+
+    def joint():
+        return HS.CountingSort(((q, call.scale), (k, 1.0)), planes, edges, True).level(0)
+
+    def separate():
+        return (
+            HS.CountingSort(((q, call.scale),), planes, edges).level(0),
+            HS.CountingSort(((k, 1.0),), planes, edges, True).level(0),
+        )
+
+    (q_joint, _), (k_joint, inv_joint) = joint()
+    (q_alone, _), (k_alone, inv_alone) = (part for sort in separate() for part in sort)
     res = {
-        "kernels": _kernel_times(
-            lambda: (
-                HS.CountingSort(q, _planes(cfg, 64), call.scale, call.plan.edges).level(0),
-                HS.CountingSort(k, _planes(cfg, 64), 1.0, call.plan.edges, inverse=True).level(0),
-            )
+        "joint_equals_separate": bool(
+            torch.equal(q_joint, q_alone)
+            and torch.equal(k_joint, k_alone)
+            and torch.equal(inv_joint, inv_alone)
         )
     }
-    ksrt = HS.CountingSort(k, _planes(cfg, 64), 1.0, call.plan.edges, inverse=True)
-    chosen = HS.scatter_warps
-    for warps in (8, 16, 32):
-        HS.scatter_warps = lambda chunk, w=warps: w
-        res[f"k_scatter_w{warps}_ms"] = _bench(lambda: ksrt._scatter(0, 1))
-    HS.scatter_warps = chosen
-    for dim, kv_heads in ((64, q.shape[1]), (128, 8)):
-        x = torch.randn(1, kv_heads, q.shape[2], dim, device="cuda", dtype=torch.bfloat16)
-        res[f"count_scan_d{dim}_ms"] = _bench(
-            lambda x=x, dim=dim: HS.CountingSort(x, _planes(cfg, dim), 1.0, None)
-        )
+    for name, fn in (("joint", joint), ("separate", separate)):
+        res[f"{name}_ms"] = _bench(fn)
+        res[f"{name}_host_ms"] = _host_ms(fn)
+        res[f"{name}_kernels"] = _kernel_times(fn)
+    return res
+
+
+@triton.jit
+def _xrank_kernel(
+    X, PLANES, RANK, n, D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+    SUB: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Gray-code ranks of SUB rows of a contiguous [H, n, D] tensor; with DOT the projections
+    are one tl.dot (3xTF32) instead of R row reductions."""
+    rows = tl.program_id(0) * SUB + tl.arange(0, SUB)
+    h = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, D)
+    x = tl.load(X + h * n * D + rows[:, None].to(tl.int64) * D + cols[None, :]).to(tl.float32)
+    if DOT:
+        r = tl.arange(0, RP)
+        planes = tl.load(PLANES + cols[:, None] * R + r[None, :], mask=r[None, :] < R, other=0.0)
+        proj = tl.dot(x, planes, input_precision="tf32x3")
+        code = tl.sum(((proj > 0) & (r < R)[None, :]).to(tl.int32) << r[None, :], axis=1)
+    else:
+        code = tl.zeros([SUB], dtype=tl.int32)
+        for i in tl.static_range(R):
+            plane = tl.load(PLANES + cols * R + i)
+            code += (tl.sum(x * plane[None, :], axis=1) > 0).to(tl.int32) << i
+    rank = code
+    for s in tl.static_range(3):  # R <= 8
+        rank = rank ^ (rank >> (1 << s))
+    tl.store(RANK + h * n + rows, rank.to(tl.int16))
+
+
+def rank_variants(q, k, v, cfg) -> dict:
+    """The rank kernel's share of the forward (~0.19 ms for Q and K at 131072): row tile,
+    warps, and projections by tl.dot; ranks compared with the production kernel's."""
+    from kernels import attention as A
+    from kernels import hashing as HS
+
+    heads, n, dim = k.shape[1], k.shape[2], k.shape[3]
+    call = A._setup(q, k, v, False, None, cfg, backward=False)
+    planes = _planes(cfg, dim)
+    prod = HS.CountingSort(((k, 1.0),), planes, call.plan.edges)
+    expected = prod.ranks.view(heads, n)
+    res = {"prod_rank_ms": _bench(lambda: HS.CountingSort(((k, 1.0),), planes, None))}
+    rows = []
+    for dot in (False, True):
+        for sub in (32, 64, 128, 256):
+            for warps in (2, 4, 8):
+                var = dict(dot=dot, sub=sub, warps=warps)
+                out = torch.full((heads, n), -1, dtype=torch.int16, device="cuda")
+
+                def launch(out=out, var=var):
+                    _xrank_kernel[(n // var["sub"], heads)](
+                        k, planes, out, n, D=dim, R=planes.shape[1], RP=16,
+                        SUB=var["sub"], DOT=var["dot"], num_warps=var["warps"],
+                    )  # fmt: skip
+
+                try:
+                    launch()
+                    torch.cuda.synchronize()
+                    var["mismatches"] = int((out != expected).sum().item())
+                    var["ms"] = _bench(launch)
+                except Exception as err:
+                    var["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                rows.append(var)
+    res["rows"] = rows
+    return res
+
+
+def graphed(q, k, v, cfg) -> dict:
+    """One forward at a time when a CUDA graph replays it (as under torch.compile's
+    mode="reduce-overhead"): the GPU's own time, no host launches in between."""
+    from benchmarks.bench_attention import timed
+    from kernels import attention as A
+
+    res = {}
+    for causal in (False, True):
+
+        def fwd(causal=causal):
+            return A.hyper_attention_forward(q, k, v, is_causal=causal, scale=None, config=cfg)
+
+        fwd()  # plans and kernels ready before the capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fwd()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, _ = fwd()
+        graph.replay()
+        torch.cuda.synchronize()
+        expected, _ = fwd()
+        tag = "causal" if causal else "noncausal"
+        res[tag] = {
+            "replay_equals_eager": bool(torch.equal(out, expected)),
+            "replay_one_call_ms": timed(graph.replay),
+            "eager_one_call_ms": timed(fwd),
+        }
+        del graph
     return res
 
 
@@ -317,6 +420,8 @@ def host(q, k, v, cfg) -> dict:
 
 SECTIONS = {
     "host": host,
+    "rank_variants": rank_variants,
+    "graphed": graphed,
     "whole": whole,
     "prod_ab": prod_ab,
     "variants": variants,

@@ -2,10 +2,12 @@
 
     model = torch.compile(model, backend=hyperpass.backend(min_len=4096, block_size=256))
     model = torch.compile(model, backend="hyperpass")   # the defaults
+    model = torch.compile(model, backend="hyperpass", mode="reduce-overhead")  # CUDA graphs
 
 The rewrite runs on the Dynamo graph before AOTAutograd, so the op's own autograd is used; the
-rewritten graph goes to Inductor (default), ``aot_eager`` or ``eager``. Nothing global is changed:
-no Inductor config, no custom pass left installed.
+rewritten graph goes to Inductor (default), ``aot_eager`` or ``eager``. ``torch.compile``'s
+``mode`` and ``options`` reach Inductor as they would with ``backend="inductor"``. Nothing global
+is changed: no Inductor config, no custom pass left installed.
 
 The name ``"hyperpass"`` is found through the ``torch_dynamo_backends`` entry point of an
 installed hyperpass; this module also registers it when that entry point is missing (a plain
@@ -105,8 +107,9 @@ def backend(
         ValueError: a value out of range, or an unknown inner compiler name.
     """
     if graph_call:  # called by Dynamo as a backend: min_len is the graph module
-        return hyperpass_backend(min_len, *graph_call)
-    options = make_options(
+        mode, options = params.pop("mode", None), params.pop("options", None)
+        return hyperpass_backend(min_len, *graph_call, mode=mode, options=options)
+    rewrite = make_options(
         min_len, layers=layers, last_n_layers=last_n_layers, overrides=overrides, **params
     )
     if isinstance(inner, str) and inner not in INNER_COMPILERS:
@@ -116,17 +119,40 @@ def backend(
 
     reports: list = []
 
-    def hyperpass_compile(gm, example_inputs):
-        reports.extend(rewrite_graph(gm, example_inputs, options))
-        return _inner_compile(inner, gm, example_inputs)
+    def hyperpass_compile(gm, example_inputs, mode=None, options=None):
+        patches = inductor_patches(inner, mode, options)  # bad arguments fail before the rewrite
+        reports.extend(rewrite_graph(gm, example_inputs, rewrite))
+        return _inner_compile(inner, gm, example_inputs, patches)
 
-    hyperpass_compile.options = options
+    hyperpass_compile.options = rewrite
     hyperpass_compile.inner = inner
     hyperpass_compile.reports = reports  # every site of every graph this backend compiled
     return hyperpass_compile
 
 
-def _inner_compile(inner, gm, example_inputs):
+def inductor_patches(inner, mode: str | None, options: Mapping | None) -> dict | None:
+    """Inductor config patches of ``torch.compile(..., mode=, options=)``, as Inductor's own
+    wrapper makes them (``mode="reduce-overhead"``: CUDA graphs); None: none given.
+
+    Raises:
+        ValueError: ``mode`` or ``options`` given with an inner compiler other than Inductor.
+    """
+    if mode in (None, "default") and not options:
+        return None
+    if inner != "inductor":
+        raise ValueError(
+            f"torch.compile mode={mode!r} / options={options!r} configure Inductor, but this "
+            f"backend's inner compiler is {inner!r}: use inner='inductor' or drop them"
+        )
+    from torch._inductor import list_mode_options
+
+    # an unknown mode: torch's RuntimeError names the modes
+    patches = dict(list_mode_options(mode)) if mode not in (None, "default") else {}
+    patches.update(options or {})
+    return patches
+
+
+def _inner_compile(inner, gm, example_inputs, patches: dict | None = None):
     if callable(inner):
         return inner(gm, example_inputs)
     if inner == "eager":
@@ -137,13 +163,13 @@ def _inner_compile(inner, gm, example_inputs):
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    return compile_fx(gm, example_inputs, config_patches=patches)
 
 
-def hyperpass_backend(gm, example_inputs):
+def hyperpass_backend(gm, example_inputs, mode=None, options=None):
     """The default backend (``torch.compile(model, backend="hyperpass")``): every attention
     site with the default :class:`~hyperpass.config.HyperConfig`, then Inductor."""
-    return _DEFAULT(gm, example_inputs)
+    return _DEFAULT(gm, example_inputs, mode=mode, options=options)
 
 
 _DEFAULT = backend()

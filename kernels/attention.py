@@ -3,7 +3,8 @@
 Same semantics as :func:`hyperpass.reference.hyper_attention_reference` (the oracle). One call:
 
 1. hash Q and K once and count every level's sort at once, then scatter one level's order
-   when that level runs (``hashing.CountingSort``; ``torch.sort`` beyond 8 hyperplanes);
+   when that level runs (``hashing.CountingSort``: Q and K in the same launches when
+   Nq == Nk, 4 launches for both; ``torch.sort`` beyond 8 hyperplanes);
 2. non-causal / flat causal: one launch of the fused approximation writes out and lse;
    causal recursive: one launch per level (each merging into the output, by its lse), then
    one launch of the exact diagonal leaves that merges everything and writes the output;
@@ -19,6 +20,7 @@ Same semantics as :func:`hyperpass.reference.hyper_attention_reference` (the ora
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -37,7 +39,7 @@ from .approx import (
     _sample_merge_kernel,
 )
 from .exact import _diag_dkdv_kernel, _diag_dq_kernel, _diag_fwd_kernel
-from .hashing import CountingSort, TorchSort, counting_sort_supported, lsh_rank, planes_for
+from .hashing import CountingSort, TorchSort, cdiv, counting_sort_supported, next_pow2, planes_for
 from .pattern import (
     LIMIT_ALL,
     LIMIT_LEAF,
@@ -173,15 +175,13 @@ class _Call:
     plan: Plan | None  # None: pattern-only method (no sortLSH, no samples)
     tune: Tuning
     pattern: _Pattern | None
-    q_sort: CountingSort | TorchSort | None  # each level's sorted orders, on demand
-    k_sort: CountingSort | TorchSort | None
+    sorts: tuple[CountingSort | TorchSort, ...]  # Q's and K's sorted orders, on demand
     causal: bool
 
     def orders(self, level: int):
         """(q order [B, Hq, Nq], k order [B, Hkv, Nk], k inverse [B, Hkv, Nk]) int32 of one
         level: scattered when asked, so one level's orders exist at a time."""
-        q_order, _ = self.q_sort.level(level)
-        k_order, k_inverse = self.k_sort.level(level)
+        (q_order, _), (k_order, k_inverse) = [p for s in self.sorts for p in s.level(level)]
         return q_order, k_order, k_inverse
 
     @property
@@ -212,7 +212,7 @@ class _Call:
         """No tile of ``level`` runs past its rows, keys or samples, and the head dims are
         their own tile widths: the approximated kernels drop their masks."""
         dims = (self.q.shape[-1], self.v.shape[-1])
-        return level.even and all(d == triton.next_power_of_2(d) for d in dims)
+        return level.even and all(d == next_pow2(d) for d in dims)
 
     def strides(self, *tensors):
         return [s for t in tensors for s in t.stride()[:3]]
@@ -223,8 +223,8 @@ class _Call:
             GROUP=self.group,
             D=dim,
             DV=dim_v,
-            BLOCK_D=triton.next_power_of_2(dim),
-            BLOCK_DV=triton.next_power_of_2(dim_v),
+            BLOCK_D=next_pow2(dim),
+            BLOCK_DV=next_pow2(dim_v),
             PRECISION=self.precision,
             num_warps=warps,
         )
@@ -234,6 +234,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@functools.lru_cache(maxsize=16)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -250,22 +251,26 @@ def _setup(q, k, v, is_causal: bool, scale: float | None, cfg: HyperConfig, back
     tune = tuning_for(max(dim, v.shape[-1]), q.dtype)
     pattern = _pattern_of(nq, nk, is_causal, cfg)
     if not cfg.uses_lsh:
-        return _Call(q, k, v, scale, cfg, None, tune, pattern, None, None, is_causal)
+        return _Call(q, k, v, scale, cfg, None, tune, pattern, (), is_causal)
     plan = make_plan(
         nq, nk, is_causal, cfg, batch, kv_heads, q.device,
         tune.block_m, tune.block_n, _num_sms(q.device),
     )  # fmt: skip
     if not plan.levels:  # one exact causal leaf: no part but the diagonal, nothing to hash
-        return _Call(q, k, v, scale, cfg, plan, tune, None, None, None, is_causal)
+        return _Call(q, k, v, scale, cfg, plan, tune, None, (), is_causal)
     planes = planes_for(dim, cfg.lsh_num_projs, cfg.seed, q.device)
-    if counting_sort_supported(cfg.lsh_num_projs):
-        q_sort = CountingSort(q, planes, scale, plan.edges, keep_levels=backward)
-        k_sort = CountingSort(k, planes, 1.0, plan.edges, inverse=True, keep_levels=backward)
-    else:  # more than 256 buckets: torch.sort of (segment, rank) keys, every level at once
-        r, n_seg = cfg.lsh_num_projs, plan.n_segments
-        q_sort = TorchSort(lsh_rank(q, planes, scale), plan.segments, r, False, n_seg)
-        k_sort = TorchSort(lsh_rank(k, planes, 1.0), plan.segments, r, True, n_seg)
-    return _Call(q, k, v, scale, cfg, plan, tune, pattern, q_sort, k_sort, is_causal)
+    q_part, k_part = (q, scale), (k, 1.0)
+    if not counting_sort_supported(cfg.lsh_num_projs):
+        # more than 256 buckets: torch.sort of (segment, rank) keys, every level at once
+        sorts = (TorchSort((q_part, k_part), planes, plan.segments, True, plan.n_segments),)
+    elif nq == nk:  # Q and K hashed and sorted together: each launch serves both
+        sorts = (CountingSort((q_part, k_part), planes, plan.edges, True, keep_levels=backward),)
+    else:
+        sorts = (
+            CountingSort((q_part,), planes, plan.edges, keep_levels=backward),
+            CountingSort((k_part,), planes, plan.edges, inverse=True, keep_levels=backward),
+        )
+    return _Call(q, k, v, scale, cfg, plan, tune, pattern, sorts, is_causal)
 
 
 def _samples(level) -> torch.Tensor:
@@ -286,7 +291,7 @@ def _sample_rows(call: _Call, level, k_inverse) -> tuple:
     vs = torch.empty(subs, batch, kv_heads, m, v.shape[-1], dtype=v.dtype, device=v.device)
     blocks = torch.empty(subs, batch, kv_heads, m, dtype=torch.int32, device=k.device)
     kw = call.shape_kwargs(4)
-    _gather_samples_kernel[(triton.cdiv(m, 64), subs * batch * kv_heads)](
+    _gather_samples_kernel[(cdiv(m, 64), subs * batch * kv_heads)](
         k, v, k_inverse, level.samples, level.subs, ks, vs, blocks,
         *call.strides(k, v), batch, kv_heads, k.shape[2], m, call.cfg.block_size,
         D=kw["D"], DV=kw["DV"], BLOCK_D=kw["BLOCK_D"], BLOCK_DV=kw["BLOCK_DV"], BLOCK_N=64,
@@ -379,7 +384,7 @@ def _forward(call: _Call):
             _pattern_forward(call, out, out, lse, merge=False)
         for level in range(len(plan.levels)):
             _approx_forward(call, level, out, lse, merge=True)
-    grid = (triton.cdiv(nq, call.tune.block_m), batch * q_heads)
+    grid = (cdiv(nq, call.tune.block_m), batch * q_heads)
     _diag_fwd_kernel[grid](
         q, k, v, out, out, lse, plan.leaf_start,
         call.scale * LOG2E,
@@ -431,7 +436,7 @@ def _pattern_forward(call: _Call, acc, out, lse, merge: bool) -> None:
 
 def _classes(n: int, dilation: int, block: int) -> tuple[int, int]:
     """(residue classes, tiles per class) of ``n`` positions in tiles of ``block``."""
-    return min(dilation, n), triton.cdiv(triton.cdiv(n, dilation), block)
+    return min(dilation, n), cdiv(cdiv(n, dilation), block)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -492,9 +497,9 @@ def _backward(call: _Call, grad_out):
     kv_heads, nk, dim_v = k.shape[1], k.shape[2], v.shape[-1]
 
     delta = torch.empty_like(lse)
-    _delta_kernel[(triton.cdiv(nq, 64), batch * q_heads)](
+    _delta_kernel[(cdiv(nq, 64), batch * q_heads)](
         out, grad_out, delta, *call.strides(out, grad_out), q_heads, nq,
-        DV=dim_v, BLOCK_DV=triton.next_power_of_2(dim_v), BLOCK=64,
+        DV=dim_v, BLOCK_DV=next_pow2(dim_v), BLOCK=64,
     )  # fmt: skip
     diagonal = plan is not None and plan.leaf_start is not None
     # Unless launches add up, every gradient row has one writer (its tile's, block's or
@@ -512,11 +517,11 @@ def _backward(call: _Call, grad_out):
     kw = call.shape_kwargs(tune.bwd_warps)
 
     if diagonal:
-        _diag_dq_kernel[(triton.cdiv(nq, tune.block_m), batch * q_heads)](
+        _diag_dq_kernel[(cdiv(nq, tune.block_m), batch * q_heads)](
             q, k, v, grad_out, lse, delta, dq, plan.leaf_start, *common, q_heads, nq,
             BLOCK_M=tune.block_m, BLOCK_N=tune.block_n, **kw,
         )  # fmt: skip
-        _diag_dkdv_kernel[(triton.cdiv(nk, tune.block_n), batch * kv_heads)](
+        _diag_dkdv_kernel[(cdiv(nk, tune.block_n), batch * kv_heads)](
             q, k, v, grad_out, lse, delta, dk, dv, plan.leaf_start, plan.leaf_end, *common,
             q_heads, kv_heads, nq,
             BLOCK_M=tune.bwd_block_m, BLOCK_N=tune.block_n, **kw,
@@ -555,7 +560,7 @@ def _backward(call: _Call, grad_out):
                 **kw,
             )  # fmt: skip
             if compact:
-                grid = (level.subs.shape[0], triton.cdiv(n_samples, tune.block_n), batch * kv_heads)
+                grid = (level.subs.shape[0], cdiv(n_samples, tune.block_n), batch * kv_heads)
                 _sample_merge_kernel[grid](
                     dk, dv, sample_dk, sample_dv, level.sample_keys, level.subs,
                     batch, kv_heads, nk, n_samples,
@@ -591,11 +596,11 @@ def _pattern_backward(call: _Call, common, kw, lse, delta, grad_out, dq, dk, dv,
             LIMIT=pat.limit, ACCUMULATE=accumulate, **kw,
         )  # fmt: skip
     if pat.n_sinks:
-        sink_tiles = triton.cdiv(pat.n_sinks, tune.block_n)
+        sink_tiles = cdiv(pat.n_sinks, tune.block_n)
         wanted = 4 * _num_sms(q.device) // (sink_tiles * batch * kv_heads)
-        splits = max(1, min(triton.cdiv(nq, tune.bwd_block_m), wanted))
-        q_split = triton.cdiv(triton.cdiv(nq, splits), tune.bwd_block_m) * tune.bwd_block_m
-        splits = triton.cdiv(nq, q_split)
+        splits = max(1, min(cdiv(nq, tune.bwd_block_m), wanted))
+        q_split = cdiv(cdiv(nq, splits), tune.bwd_block_m) * tune.bwd_block_m
+        splits = cdiv(nq, q_split)
         sink_dk, sink_dv, dk_rows = dk, dv, nk
         if dk.dtype != torch.float32:  # dK/dV in the input dtype: add the sinks' rows once
             dk_rows = pat.n_sinks

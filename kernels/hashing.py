@@ -64,30 +64,41 @@ def _rank_kernel(
 
 
 @triton.jit
+def _scaled_rows(X, row, heads, stride_b, stride_h, stride_n, rows, cols, ok, scale, D):
+    """Rows ``rows`` of (batch, head) row ``row`` of X [B, heads, N, D], times ``scale``, fp32."""
+    base = X + (row // heads).to(tl.int64) * stride_b + (row % heads).to(tl.int64) * stride_h
+    offs = rows[:, None].to(tl.int64) * stride_n + cols[None, :]
+    x = tl.load(base + offs, mask=ok[:, None] & (cols < D)[None, :], other=0.0)
+    return x.to(tl.float32) * scale
+
+
+@triton.jit
 def _chunk_rank_kernel(
-    X, PLANES, RANK, CHUNKS,
-    stride_xb, stride_xh, stride_xn,
-    heads, n_rows, scale,
+    X, Y, PLANES, RANK, CHUNKS,
+    stride_xb, stride_xh, stride_xn, stride_yb, stride_yh, stride_yn,
+    heads_x, heads_y, rows_x, n_rows, scale_x, scale_y,
     D: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr, N_SHIFTS: tl.constexpr,
     CHUNK: tl.constexpr, SUB: tl.constexpr,
 ):  # fmt: skip
-    """Ranks (int16) of SUB rows of one chunk. Many small programs: one program per chunk was
+    """Ranks (int16) of SUB rows of one chunk, of X's (batch, head) rows first (``rows_x`` of
+    them), then Y's: one launch hashes Q and K. Many small programs: one program per chunk was
     3x slower."""
     pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    row = tl.program_id(1)
     c = pid // (CHUNK // SUB)
-    b = pid_bh // heads
-    h = pid_bh % heads
     start = tl.load(CHUNKS + c) + (pid % (CHUNK // SUB)) * SUB
     end = tl.load(CHUNKS + c + 1)
     cols = tl.arange(0, BLOCK_D)
-    base = X + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
     rows = start + tl.arange(0, SUB)
     ok = rows < end
-    offs = rows[:, None].to(tl.int64) * stride_xn + cols[None, :]
-    x = tl.load(base + offs, mask=ok[:, None] & (cols < D)[None, :], other=0.0)
-    rank = _gray_rank(x.to(tl.float32) * scale, PLANES, cols, D, R, N_SHIFTS)
-    tl.store(RANK + pid_bh.to(tl.int64) * n_rows + rows, rank.to(tl.int16), mask=ok)
+    if row < rows_x:
+        x = _scaled_rows(X, row, heads_x, stride_xb, stride_xh, stride_xn, rows, cols, ok,
+                         scale_x, D)  # fmt: skip
+    else:
+        x = _scaled_rows(Y, row - rows_x, heads_y, stride_yb, stride_yh, stride_yn, rows, cols,
+                         ok, scale_y, D)  # fmt: skip
+    rank = _gray_rank(x, PLANES, cols, D, R, N_SHIFTS)
+    tl.store(RANK + row.to(tl.int64) * n_rows + rows, rank.to(tl.int16), mask=ok)
 
 
 @triton.jit
@@ -151,7 +162,7 @@ def _scan_kernel(
 @triton.jit
 def _scatter_kernel(
     RANK, PERM, TABLE, CHUNKS, ORDER, INVERSE,
-    rows_total, n_rows, n_chunks, first_level, n_levels,
+    rows_total, n_rows, n_chunks, first_level, n_levels, inverse_from,
     BUCKETS: tl.constexpr, CHUNK: tl.constexpr, WITH_INVERSE: tl.constexpr,
     SORT: tl.constexpr, KEEP_PERM: tl.constexpr,
 ):  # fmt: skip
@@ -159,7 +170,8 @@ def _scatter_kernel(
     n_levels), into ORDER [n_levels, rows, N]: destination = TABLE[level, row, chunk, rank] +
     the row's place in the chunk sorted by (rank, position). With SORT the chunk is sorted in
     registers (and, with KEEP_PERM, its permutation kept in PERM, int16, for later launches);
-    else the permutation is read from PERM."""
+    else the permutation is read from PERM. Inverses: of rows from ``inverse_from`` on, into
+    INVERSE [n_levels, rows_total - inverse_from, N]."""
     c = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     start = tl.load(CHUNKS + c)
@@ -183,7 +195,9 @@ def _scatter_kernel(
         out_line = (lv * rows_total + row) * n_rows
         tl.store(ORDER + out_line + dest, start + local, mask=valid)
         if WITH_INVERSE:
-            tl.store(INVERSE + out_line + start + local, dest, mask=valid)
+            if row >= inverse_from:
+                inv_line = (lv * (rows_total - inverse_from) + row - inverse_from) * n_rows
+                tl.store(INVERSE + inv_line + start + local, dest, mask=valid)
 
 
 def lsh_rank(x: torch.Tensor, planes: torch.Tensor, scale: float) -> torch.Tensor:
@@ -195,7 +209,7 @@ def lsh_rank(x: torch.Tensor, planes: torch.Tensor, scale: float) -> torch.Tenso
     ranks = torch.empty(batch, heads, n, dtype=torch.int32, device=x.device)
     n_shifts = max(0, (num_projs - 1).bit_length())
     block = 64
-    grid = (triton.cdiv(n, block), batch * heads)
+    grid = (cdiv(n, block), batch * heads)
     _rank_kernel[grid](
         x,
         planes.contiguous(),
@@ -207,7 +221,7 @@ def lsh_rank(x: torch.Tensor, planes: torch.Tensor, scale: float) -> torch.Tenso
         n,
         scale,
         D=dim,
-        BLOCK_D=triton.next_power_of_2(dim),
+        BLOCK_D=next_pow2(dim),
         R=num_projs,
         N_SHIFTS=n_shifts,
         BLOCK=block,
@@ -282,11 +296,12 @@ def counting_sort_supported(num_projs: int) -> bool:
 
 
 class CountingSort:
-    """Every level's stable sort of the rows of ``x`` by (segment, Gray-code rank), by counting.
+    """Every level's stable sort, by (segment, Gray-code rank), of the rows of one or two tensors
+    of the same length (Q and K: each launch serves both, as rows of one table).
 
     Construction hashes and counts for all levels at once (three launches: int16 ranks, their
     per-chunk histograms, a scan of the histograms per segment of every level). Then, by
-    default, ``level(l)`` scatters one level's order in one launch, so a caller holds one
+    default, ``level(l)`` scatters one level's orders in one launch, so a caller holds one
     level's int32 orders, not all ``L`` (``L`` grows as log N: all at once cost 12 bytes per
     query/key row and level, ~12% of the causal forward's memory at 131072). The first scatter
     sorts each chunk in registers and, when there are more levels, keeps its permutation
@@ -295,37 +310,43 @@ class CountingSort:
     memory). No device sync.
 
     Args:
-        x: [B, H, N, D]; planes: [D, r] with r <= MAX_COUNTING_BITS.
+        parts: one or two (x [B, H, N, D], scale) with the same B, N and D (H may differ);
+            the rows hashed are ``x * scale``.
+        planes: [D, r] with r <= MAX_COUNTING_BITS.
         edges: per level, sorted segment boundaries (0 and N included); None: one segment.
-        inverse: also scatter each position's sorted position.
+        inverse: also scatter each position's sorted position, of the last part.
         keep_levels: scatter and keep every level at the first call.
         chunk: positions per chunk (a power of two); None: CHUNK, or less when every segment
             of the finest level is shorter.
     """
 
-    def __init__(
-        self, x, planes, scale: float, edges, inverse=False, keep_levels=False, chunk=None
-    ):
-        batch, heads, n, dim = x.shape
-        if x.stride(-1) != 1:
-            x = x.contiguous()
+    def __init__(self, parts, planes, edges, inverse=False, keep_levels=False, chunk=None):
+        (_, scale_x), (_, scale_y) = parts[0], parts[-1]
+        xs = [_last_dim_contiguous(t) for t, _ in parts]
+        x, y = xs[0], xs[-1]
+        batch, _, n, dim = x.shape
+        if y.shape[0] != batch or y.shape[2:] != x.shape[2:]:
+            raise ValueError(f"parts of shapes {x.shape} and {y.shape}: B, N and D must match")
         num_projs = planes.shape[1]
         self.buckets = max(16, 1 << num_projs)
         edges = edges if edges is not None else ((0, n),)
         if chunk is None:
             longest = max(b - a for a, b in itertools.pairwise(edges[-1]))
-            chunk = min(CHUNK, max(16, triton.next_power_of_2(longest)))
+            chunk = min(CHUNK, max(16, next_pow2(longest)))
         self.chunk, self.levels, self.inverse = chunk, len(edges), inverse
         self.keep_levels = keep_levels
         self.chunks, segs = _chunk_tables(n, edges, chunk, x.device)
-        self.shape = (batch, heads, n)
-        n_chunks, rows = self.chunks.shape[0] - 1, batch * heads
+        self.heads = [t.shape[1] for t in xs]
+        self.batch, self.n = batch, n
+        n_chunks, rows = self.chunks.shape[0] - 1, batch * sum(self.heads)
+        rows_x = batch * self.heads[0] if len(xs) > 1 else rows
+        self.inverse_from = rows - batch * self.heads[-1]
         self.ranks = torch.empty(rows, n, dtype=torch.int16, device=x.device)
         sub = min(64, chunk)
         _chunk_rank_kernel[(n_chunks * (chunk // sub), rows)](
-            x, planes, self.ranks, self.chunks, x.stride(0), x.stride(1), x.stride(2),
-            heads, n, scale,
-            D=dim, BLOCK_D=triton.next_power_of_2(dim), R=num_projs,
+            x, y, planes, self.ranks, self.chunks, *x.stride()[:3], *y.stride()[:3],
+            x.shape[1], y.shape[1], rows_x, n, scale_x, scale_y,
+            D=dim, BLOCK_D=next_pow2(dim), R=num_projs,
             N_SHIFTS=max(0, (num_projs - 1).bit_length()), CHUNK=chunk, SUB=sub,
         )  # fmt: skip
         hist = torch.empty(rows, n_chunks, self.buckets, dtype=torch.int32, device=x.device)
@@ -340,22 +361,34 @@ class CountingSort:
             hist, self.table, segs, rows, n_chunks, BUCKETS=self.buckets, CB=_SCAN_CHUNKS
         )
         self.perm = None  # the chunks' sorted permutations, once a scatter has sorted them
-        self.kept = None  # (first level, orders [n, B, H, N], inverses or None) of the last call
+        self.kept = None  # (first level, orders [n, rows, N], inverses or None) of the last call
 
-    def level(self, level: int):
-        """(order [B, H, N] int32 original positions in sorted order, inverse [B, H, N] int32
-        sorted position of each original position, or None) of one level."""
+    def level(self, level: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per part: (order [B, H, N] int32 original positions in sorted order, inverse
+        [B, H, N] int32 sorted position of each original position, or None) of one level."""
         if self.kept is None or not 0 <= level - self.kept[0] < self.kept[1].shape[0]:
             self.kept = None  # let the previous level's orders go before allocating these
             first, count = (0, self.levels) if self.keep_levels else (level, 1)
             self.kept = (first, *self._scatter(first, count))
         first, orders, inverses = self.kept
-        return orders[level - first], None if inverses is None else inverses[level - first]
+        orders = orders[level - first]
+        result, row = [], 0
+        for heads in self.heads:
+            part_rows = self.batch * heads
+            result.append([orders[row : row + part_rows].view(self.batch, heads, self.n), None])
+            row += part_rows
+        if inverses is not None:
+            result[-1][1] = inverses[level - first].view(self.batch, self.heads[-1], self.n)
+        return [tuple(r) for r in result]
 
     def _scatter(self, first: int, count: int):
         rows, n = self.ranks.shape
-        orders = torch.empty(count, *self.shape, dtype=torch.int32, device=self.ranks.device)
-        inverses = torch.empty_like(orders) if self.inverse else orders
+        device = self.ranks.device
+        orders = torch.empty(count, rows, n, dtype=torch.int32, device=device)
+        inverses = None
+        if self.inverse:
+            inverses = torch.empty(count, rows - self.inverse_from, n, dtype=torch.int32,
+                                   device=device)  # fmt: skip
         sort = self.perm is None
         keep_perm = sort and count < self.levels  # other launches will need the permutation
         if keep_perm:
@@ -363,22 +396,42 @@ class CountingSort:
         n_chunks = self.chunks.shape[0] - 1
         _scatter_kernel[(n_chunks, rows)](
             self.ranks, self.perm if self.perm is not None else self.ranks, self.table,
-            self.chunks, orders, inverses, rows, n, n_chunks, first, count,
+            self.chunks, orders, orders if inverses is None else inverses, rows, n, n_chunks,
+            first, count, self.inverse_from,
             BUCKETS=self.buckets, CHUNK=self.chunk, WITH_INVERSE=self.inverse,
             SORT=sort, KEEP_PERM=keep_perm, num_warps=scatter_warps(self.chunk),
         )  # fmt: skip
-        return orders, inverses if self.inverse else None
+        return orders, inverses
 
 
 class TorchSort:
     """``CountingSort``'s interface over ``sort_levels`` (more than 2^8 buckets): every level
-    sorted at once by ``torch.sort``."""
+    of every part sorted at once by ``torch.sort``."""
 
-    def __init__(self, ranks, segments, num_projs: int, inverse: bool, n_segments: int):
-        self.order, self.inverse = sort_levels(ranks, segments, num_projs, inverse, n_segments)
+    def __init__(self, parts, planes, segments, inverse: bool, n_segments: int):
+        r = planes.shape[1]
+        self.sorted = [
+            sort_levels(lsh_rank(x, planes, scale), segments, r, inverse and i == len(parts) - 1,
+                        n_segments)
+            for i, (x, scale) in enumerate(parts)
+        ]  # fmt: skip
 
-    def level(self, level: int):
-        return self.order[level], None if self.inverse is None else self.inverse[level]
+    def level(self, level: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        return [(order[level], None if inv is None else inv[level]) for order, inv in self.sorted]
+
+
+def next_pow2(x: int) -> int:
+    """``triton.next_power_of_2`` without its per-call overhead on the host (~3 us: a launch
+    path calls it often)."""
+    return 1 << (x - 1).bit_length() if x > 1 else 1
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 _PLANES: dict = {}

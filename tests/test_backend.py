@@ -86,6 +86,43 @@ def test_backend_passed_uncalled_is_the_default_backend():
     torch.testing.assert_close(out, sdpa(q, q, q))
 
 
+@pytest.mark.parametrize("backend", ["hyperpass", "called", "uncalled"])
+def test_compile_mode_and_options_reach_inductor(monkeypatch, backend):
+    """``torch.compile(..., backend=hyperpass..., mode=, options=)`` gives Inductor the config
+    patches ``backend="inductor"`` would (reduce-overhead: CUDA graphs), after the rewrite."""
+    import torch._inductor.compile_fx as inductor
+
+    seen = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None):
+        seen.append((config_patches, [n.target for n in gm.graph.nodes]))
+        return gm.forward
+
+    monkeypatch.setattr(inductor, "compile_fx", fake_compile_fx)
+    be = {
+        "hyperpass": "hyperpass",
+        "called": hyperpass.backend(min_len=16, **EXACT),
+        "uncalled": hyperpass.backend,
+    }[backend]
+    q, k, v = qkv()
+    options = {"max_autotune": False}
+    fn = torch.compile(Fn(sdpa_hf_bool_mask), backend=be, mode="reduce-overhead")
+    torch.testing.assert_close(fn(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    torch._dynamo.reset()
+    torch.compile(Fn(sdpa_hf_bool_mask), backend=be, options=options)(q, k, v)
+    assert [patches for patches, _ in seen] == [{"triton.cudagraphs": True}, options]
+    rewritten = any(t == torch.ops.hyperpass.hyper_attention.default for t in seen[0][1])
+    assert rewritten == (backend == "called")  # the defaults' min_len leaves 16 rows exact
+
+
+def test_compile_mode_needs_inductor():
+    be = hyperpass.backend(min_len=16, inner="aot_eager")
+    fn = torch.compile(lambda q: F.scaled_dot_product_attention(q, q, q), backend=be,
+                       mode="reduce-overhead")  # fmt: skip
+    with pytest.raises(Exception, match="inner compiler is 'aot_eager'"):
+        fn(torch.randn(1, 1, 8, 4))
+
+
 @pytest.mark.parametrize("inner", ["eager", "aot_eager"])
 def test_inner_compilers_fullgraph_outputs_and_grads(inner):
     be = hyperpass.backend(min_len=16, inner=inner, **EXACT)

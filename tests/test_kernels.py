@@ -309,12 +309,39 @@ def test_counting_sort_matches_torch_sort(num_projs, chunk, edges):
     planes = lsh.hyperplanes(32, num_projs, 0, "cpu")
     levels = 1 if edges is None else len(edges)
     for keep_levels in (False, True):
-        sorter = CountingSort(x, planes, 0.5, edges, True, keep_levels=keep_levels, chunk=chunk)
+        sorter = CountingSort(((x, 0.5),), planes, edges, True, keep_levels, chunk)
         # the last level first: every level is right whichever scatter sorts the chunks
-        by_level = {level: sorter.level(level) for level in reversed(range(levels))}
+        by_level = {level: sorter.level(level)[0] for level in reversed(range(levels))}
         order = torch.stack([by_level[level][0] for level in range(levels)])
         inverse = torch.stack([by_level[level][1] for level in range(levels)])
         _check_sorted(x, planes, num_projs, edges, order, inverse)
+
+
+@pytest.mark.parametrize("keep_levels", [False, True])
+def test_counting_sort_of_two_parts(keep_levels):
+    """Q and K sorted in the same launches (GQA head counts, K a strided view): each part's
+    orders are its own sort's, the inverses only the last part's."""
+    from hyperpass.kernels.hashing import CountingSort
+
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 301, 32, generator=gen)
+    k = torch.randn(2, 301, 2, 32, generator=gen).transpose(1, 2)  # [B, H, N, D], strided
+    planes = lsh.hyperplanes(32, 6, 0, "cpu")
+    edges = ((0, 150, 301), (0, 75, 150, 225, 301))
+    joint = CountingSort(((q, 0.5), (k, 0.5)), planes, edges, True, keep_levels, chunk=64)
+    alone = [
+        CountingSort(((q, 0.5),), planes, edges, False, keep_levels, chunk=64),
+        CountingSort(((k, 0.5),), planes, edges, True, keep_levels, chunk=64),
+    ]
+    for level in (1, 0):
+        (q_order, q_inverse), (k_order, k_inverse) = joint.level(level)
+        (q_alone, _), (k_alone, k_inverse_alone) = [s.level(level)[0] for s in alone]
+        assert q_inverse is None and q_order.shape == (2, 4, 301)
+        assert torch.equal(q_order, q_alone)
+        assert torch.equal(k_order, k_alone) and torch.equal(k_inverse, k_inverse_alone)
+    orders = torch.stack([joint.level(lv)[1][0] for lv in range(2)])
+    inverses = torch.stack([joint.level(lv)[1][1] for lv in range(2)])
+    _check_sorted(k, planes, 6, edges, orders, inverses)
 
 
 def _check_sorted(x, planes, num_projs, edges, order, inverse):
