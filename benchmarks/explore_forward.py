@@ -133,7 +133,13 @@ def main() -> int:
         "--sections", nargs="+", default=["whole", "prod_ab", "variants", "hashing"]
     )
     parser.add_argument("--out", default=None)
+    parser.add_argument("--shapes", nargs="+", help="variants: rows,keys,warps,stages each")
+    parser.add_argument("--contig-only", action="store_true", help="variants: production layout")
     args = parser.parse_args()
+    global VARIANT_SHAPES, VARIANT_CONTIG_ONLY
+    if args.shapes:
+        VARIANT_SHAPES = [tuple(int(x) for x in shape.split(",")) for shape in args.shapes]
+    VARIANT_CONTIG_ONLY = args.contig_only
 
     from hyperpass.config import PAPER
 
@@ -231,10 +237,9 @@ def variants(q, k, v, cfg) -> dict:
     sblk = (k_inverse[0][:, samples.long()] // bsize).to(torch.int32).contiguous()
     log2_weight = float(torch.log2(torch.tensor(n / m)))
     scale = call.scale * A.LOG2E
-    shapes = [(128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 4, 4)]
     rows = []
-    for bm, bn, warps, stages in shapes:
-        for contig in (False, True):
+    for bm, bn, warps, stages in VARIANT_SHAPES:
+        for contig in (True,) if VARIANT_CONTIG_ONLY else (False, True):
             var = dict(bm=bm, bn=bn, warps=warps, stages=stages, contig=contig, flat=False)
             out = torch.full_like(q, float("nan"))
             lse = torch.full_like(lse_ref, float("nan"))
@@ -260,6 +265,38 @@ def variants(q, k, v, cfg) -> dict:
         "prod_fused_fwd_ms": _bench(lambda: A._approx_forward(call, 0, out_ref, lse_ref, False)),
         "rows": rows,
     }
+
+
+# (rows, keys per step, warps, stages) of the simplified forward; --shapes replaces them
+VARIANT_SHAPES = [(128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 4, 4)]
+VARIANT_CONTIG_ONLY = False  # --contig-only: the production layout (compact sample rows) only
+
+
+def chunks(q, k, v, cfg) -> dict:
+    """The joint counting sort with 256-, 512- and 1024-position chunks (the scatter sorts a
+    chunk in registers: a bitonic sort's work per element grows as log^2 of the chunk)."""
+    from kernels import attention as A
+    from kernels import hashing as HS
+
+    call = A._setup(q, k, v, False, None, cfg, backward=False)
+    planes, edges = _planes(cfg, 64), call.plan.edges
+    res = {}
+    expected = None
+    for chunk in (1024, 512, 256):
+
+        def joint(chunk=chunk):
+            parts = ((q, call.scale), (k, 1.0))
+            return HS.CountingSort(parts, planes, edges, True, chunk=chunk).level(0)
+
+        got = [t for part in joint() for t in part if t is not None]
+        expected = expected or got
+        same = all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+        res[f"chunk{chunk}"] = {
+            "equal_to_1024": same,
+            "ms": _bench(joint),
+            "kernels": _kernel_times(joint),
+        }
+    return res
 
 
 def hashing(q, k, v, cfg) -> dict:
@@ -418,9 +455,20 @@ def host(q, k, v, cfg) -> dict:
     return {"top_by_tottime": text.getvalue()[-6000:]}
 
 
+def once(q, k, v, cfg) -> dict:
+    """One non-causal forward (for a profiler such as ncu to attach to its kernels)."""
+    from kernels import attention as A
+
+    A.hyper_attention_forward(q, k, v, is_causal=False, scale=None, config=cfg)
+    torch.cuda.synchronize()
+    return {}
+
+
 SECTIONS = {
+    "once": once,
     "host": host,
     "rank_variants": rank_variants,
+    "chunks": chunks,
     "graphed": graphed,
     "whole": whole,
     "prod_ab": prod_ab,
