@@ -39,7 +39,8 @@ from .approx import (
     _sample_merge_kernel,
 )
 from .exact import _diag_dkdv_kernel, _diag_dq_kernel, _diag_fwd_kernel
-from .hashing import CountingSort, TorchSort, cdiv, counting_sort_supported, next_pow2, planes_for
+from .hashing import CountingSort, TorchSort, counting_sort_supported, planes_for
+from .host import cdiv, last_dim_contiguous, next_pow2
 from .pattern import (
     LIMIT_ALL,
     LIMIT_LEAF,
@@ -230,10 +231,6 @@ class _Call:
         )
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 @functools.lru_cache(maxsize=16)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
@@ -244,7 +241,7 @@ def _num_sms(device: torch.device) -> int:
 def _setup(q, k, v, is_causal: bool, scale: float | None, cfg: HyperConfig, backward: bool):
     """Everything a launch needs: contiguous rows, the plan, and the sorts (the backward keeps
     every level's orders, which it reads twice; the forward scatters one level at a time)."""
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     batch, _, nq, dim = q.shape
     kv_heads, nk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
@@ -492,7 +489,7 @@ def _backward(call: _Call, grad_out):
     """(dq, dk, dv) of one call, fp32 where several launches add into them."""
     out, lse = _forward(call)
     q, k, v, plan, tune = call.q, call.k, call.v, call.plan, call.tune
-    grad_out = _last_dim_contiguous(grad_out)
+    grad_out = last_dim_contiguous(grad_out)
     batch, q_heads, nq, dim = q.shape
     kv_heads, nk, dim_v = k.shape[1], k.shape[2], v.shape[-1]
 

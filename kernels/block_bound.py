@@ -25,6 +25,8 @@ import triton.language as tl
 
 from hyperpass.config import HyperConfig
 
+from .host import cdiv, next_pow2
+
 _BOUND_ELEMENTS = 1 << 24  # block bounds per chunk of query blocks (64 MiB in fp32)
 _KEY_TILE = 64  # key blocks per inner step
 
@@ -59,12 +61,12 @@ def select_blocks(q, k, scale: float, cfg: HyperConfig, causal: bool) -> torch.T
             last_start = (first + count - 1) * qb
             cols = min(n_kb, max(topk, max(last_start + qb - window, 0) // kb))
         bound = torch.empty(batch, q_heads, count, cols, dtype=torch.float32, device=q.device)
-        grid = (triton.cdiv(count, per_program), batch * q_heads)
+        grid = (cdiv(count, per_program), batch * q_heads)
         _bound_kernel[grid](
             q, kmax, kmin, bound, float(scale),
             *q.stride()[:3],
             q_heads, kv_heads, nq, nk, n_kb, cols, first, count, window, cfg.sinks,
-            D=dim, BLOCK_D=triton.next_power_of_2(dim), QB=qb, KB=kb, ROWS=rows,
+            D=dim, BLOCK_D=next_pow2(dim), QB=qb, KB=kb, ROWS=rows,
             PER_PROGRAM=per_program, CHUNKS=chunks, KEY_TILE=_KEY_TILE, CAUSAL=causal,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             num_warps=4,

@@ -1,8 +1,10 @@
-"""sortLSH on the GPU: one kernel from rows to Gray-code ranks, then a stable sort per level.
+"""sortLSH on the GPU: Gray-code ranks of the rows, then a stable sort of every level.
 
-The kernel reads each row once and writes one int32 rank: neither the projections nor a scaled
+The rank kernels read each row once and write one rank: neither the projections nor a scaled
 copy of Q exist in memory. Ranks equal :func:`hyperpass.lsh.lsh_ranks` of the same rows except
 where a projection is within rounding of zero (the two sum in different orders).
+``CountingSort`` sorts by counting (up to 2^8 buckets) in four launches, for Q and K together
+when they have the same length; ``TorchSort`` uses ``torch.sort`` beyond.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import triton
 import triton.language as tl
 
 from hyperpass import lsh
+
+from .host import cdiv, last_dim_contiguous, next_pow2
 
 
 @triton.jit
@@ -322,7 +326,7 @@ class CountingSort:
 
     def __init__(self, parts, planes, edges, inverse=False, keep_levels=False, chunk=None):
         (_, scale_x), (_, scale_y) = parts[0], parts[-1]
-        xs = [_last_dim_contiguous(t) for t, _ in parts]
+        xs = [last_dim_contiguous(t) for t, _ in parts]
         x, y = xs[0], xs[-1]
         batch, _, n, dim = x.shape
         if y.shape[0] != batch or y.shape[2:] != x.shape[2:]:
@@ -418,20 +422,6 @@ class TorchSort:
 
     def level(self, level: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         return [(order[level], None if inv is None else inv[level]) for order, inv in self.sorted]
-
-
-def next_pow2(x: int) -> int:
-    """``triton.next_power_of_2`` without its per-call overhead on the host (~3 us: a launch
-    path calls it often)."""
-    return 1 << (x - 1).bit_length() if x > 1 else 1
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 _PLANES: dict = {}

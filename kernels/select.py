@@ -33,6 +33,7 @@ from hyperpass.config import HyperConfig
 
 from .block_bound import _local_span, clamped_window, select_blocks
 from .common import FLOOR, _load_rows, _softmax_step, _store_out_lse
+from .host import cdiv, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -229,7 +230,7 @@ class _SelectCall:
         dim, dim_v = q.shape[-1], v.shape[-1]
         strided_out = grad_out if backward else out
         small = max(dim, dim_v) <= 64 and q.dtype != torch.float32
-        grid = (triton.cdiv(self.nq, self.block_m), q.shape[0] * self.q_heads)
+        grid = (cdiv(self.nq, self.block_m), q.shape[0] * self.q_heads)
         _select_kernel[grid](
             q, k, v, out, grad_out, lse, delta, dq, dk, dv, self.blocks, self.samples,
             self.scale, self.scale * LOG2E, self.log2w,
@@ -237,7 +238,7 @@ class _SelectCall:
             self.q_heads, self.kv_heads, self.nq, self.nk, self.window, min(cfg.sinks, self.nk),
             cfg.sample_size, self.blocks.shape[-1], self.blocks.shape[-2],
             GROUP=self.q_heads // self.kv_heads, D=dim, DV=dim_v,
-            BLOCK_D=triton.next_power_of_2(dim), BLOCK_DV=triton.next_power_of_2(dim_v),
+            BLOCK_D=next_pow2(dim), BLOCK_DV=next_pow2(dim_v),
             QB=cfg.query_block, KB=cfg.select_block, BLOCK_M=self.block_m,
             BLOCK_N=self.block_n, CAUSAL=self.causal, BACKWARD=backward,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -279,9 +280,9 @@ def select_backward(grad_out, q, k, v, *, is_causal: bool, scale: float | None, 
     batch, q_heads, nq, dim = q.shape
     dim_v = v.shape[-1]
     delta = torch.empty_like(lse)
-    _delta_kernel[(triton.cdiv(nq, 64), batch * q_heads)](
+    _delta_kernel[(cdiv(nq, 64), batch * q_heads)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], q_heads, nq,
-        DV=dim_v, BLOCK_DV=triton.next_power_of_2(dim_v), BLOCK=64,
+        DV=dim_v, BLOCK_DV=next_pow2(dim_v), BLOCK=64,
     )  # fmt: skip
     dq = torch.empty(batch, q_heads, nq, dim, dtype=q.dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
