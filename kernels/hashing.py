@@ -207,8 +207,7 @@ def _scatter_kernel(
 def lsh_rank(x: torch.Tensor, planes: torch.Tensor, scale: float) -> torch.Tensor:
     """Gray-code rank [B, H, N] int32 of the rows of ``x * scale``; x [B, H, N, D]."""
     batch, heads, n, dim = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = last_dim_contiguous(x)
     num_projs = planes.shape[1]
     ranks = torch.empty(batch, heads, n, dtype=torch.int32, device=x.device)
     n_shifts = max(0, (num_projs - 1).bit_length())
@@ -343,7 +342,7 @@ class CountingSort:
         self.heads = [t.shape[1] for t in xs]
         self.batch, self.n = batch, n
         n_chunks, rows = self.chunks.shape[0] - 1, batch * sum(self.heads)
-        rows_x = batch * self.heads[0] if len(xs) > 1 else rows
+        rows_x = batch * self.heads[0]  # rows of the first part (all of them with one part)
         self.inverse_from = rows - batch * self.heads[-1]
         self.ranks = torch.empty(rows, n, dtype=torch.int16, device=x.device)
         sub = min(64, chunk)
@@ -375,15 +374,13 @@ class CountingSort:
             first, count = (0, self.levels) if self.keep_levels else (level, 1)
             self.kept = (first, *self._scatter(first, count))
         first, orders, inverses = self.kept
-        orders = orders[level - first]
-        result, row = [], 0
-        for heads in self.heads:
-            part_rows = self.batch * heads
-            result.append([orders[row : row + part_rows].view(self.batch, heads, self.n), None])
-            row += part_rows
+        by_part = orders[level - first].split([self.batch * h for h in self.heads])
+        shapes = [(self.batch, h, self.n) for h in self.heads]
+        result = [(o.view(shape), None) for o, shape in zip(by_part, shapes, strict=True)]
         if inverses is not None:
-            result[-1][1] = inverses[level - first].view(self.batch, self.heads[-1], self.n)
-        return [tuple(r) for r in result]
+            last = inverses[level - first].view(self.batch, self.heads[-1], self.n)
+            result[-1] = (result[-1][0], last)
+        return result
 
     def _scatter(self, first: int, count: int):
         rows, n = self.ranks.shape

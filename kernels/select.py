@@ -33,7 +33,7 @@ from hyperpass.config import HyperConfig
 
 from .block_bound import _local_span, clamped_window, select_blocks
 from .common import FLOOR, _load_rows, _softmax_step, _store_out_lse
-from .host import cdiv, next_pow2
+from .host import cdiv, last_dim_contiguous, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -206,7 +206,7 @@ class _SelectCall:
     """Everything the kernel launches share: contiguous inputs, selection, samples, sizes."""
 
     def __init__(self, q, k, v, is_causal: bool, scale: float | None, cfg: HyperConfig):
-        self.q, self.k, self.v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        self.q, self.k, self.v = (last_dim_contiguous(t) for t in (q, k, v))
         self.causal, self.cfg = is_causal, cfg
         batch, self.q_heads, self.nq, dim = q.shape
         self.kv_heads, self.nk = k.shape[1], k.shape[2]
@@ -275,7 +275,7 @@ def select_backward(grad_out, q, k, v, *, is_causal: bool, scale: float | None, 
 
     call = _SelectCall(q, k, v, is_causal, scale, config)
     out, lse = call.forward()
-    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    grad_out = last_dim_contiguous(grad_out)
     q, k, v = call.q, call.k, call.v
     batch, q_heads, nq, dim = q.shape
     dim_v = v.shape[-1]
