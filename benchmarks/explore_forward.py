@@ -11,6 +11,7 @@ against the production kernel's output before it is timed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -25,8 +26,8 @@ from kernels.common import FLOOR, _softmax_step, _store_out_lse
 
 
 @triton.jit
-def _rows(base, pos, d):
-    return tl.load(base + pos[:, None].to(tl.int64) * 64 + d[None, :])
+def _rows(base, pos, d, stride=64):
+    return tl.load(base + pos[:, None].to(tl.int64) * stride + d[None, :])
 
 
 @triton.jit
@@ -35,15 +36,39 @@ def _xfwd_kernel(
     qk_scale, log2_weight, n, n_samples, bsize,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DO_BLOCK: tl.constexpr, DO_SAMPLES: tl.constexpr, CONTIG: tl.constexpr, FLAT: tl.constexpr,
+    SOFTMAX: tl.constexpr = 0, TILES=None, SUBS=None, stride_n=64, PROD: tl.constexpr = 0,
 ):  # fmt: skip
-    """D = 64, B = 1, Hq = Hkv, contiguous [H, n, 64]; n a multiple of bsize and BLOCK_M."""
+    """D = 64, B = 1, Hq = Hkv, contiguous [H, n, 64]; n a multiple of bsize and BLOCK_M.
+    PROD adds the production kernel's generality, bit by bit (block loop and contiguous
+    samples only): 1 masked index loads, 2 the tile table and sub-problem parameters read from
+    memory, 4 a runtime row stride."""
     pid_t = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    rows = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)
-    kb = (pid_t * BLOCK_M) // bsize
-    qpos = tl.load(QORD + h * n + rows)
+    nk = n
+    if PROD & 2:
+        s = tl.load(TILES + pid_t * 3)
+        j = tl.load(TILES + pid_t * 3 + 1)
+        t = tl.load(TILES + pid_t * 3 + 2)
+        nq = tl.load(SUBS + s * 8 + 1)
+        nk = tl.load(SUBS + s * 8 + 3)
+        qpb = tl.load(SUBS + s * 8 + 4)
+        kb = tl.minimum(j, tl.load(SUBS + s * 8 + 6) - 1)
+        rows = j * qpb + t * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = (rows < (j + 1) * qpb) & (rows < nq)
+    else:
+        rows = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)
+        kb = (pid_t * BLOCK_M) // bsize
+        row_ok = rows < n
+    if PROD & 1:
+        qpos = tl.load(QORD + h * n + rows, mask=row_ok, other=0)
+    else:
+        qpos = tl.load(QORD + h * n + rows)
+    if PROD & 4:
+        stride = stride_n
+    else:
+        stride = 64
     d = tl.arange(0, 64)
-    q = _rows(Q + h * n * 64, qpos, d)
+    q = _rows(Q + h * n * 64, qpos, d, stride)
     k_base = K + h * n * 64
     v_base = V + h * n * 64
     m_i = tl.full([BLOCK_M], FLOOR, dtype=tl.float32)
@@ -68,27 +93,71 @@ def _xfwd_kernel(
     else:
         if DO_BLOCK:
             for n0 in range(0, bsize, BLOCK_N):
-                kpos = tl.load(kord + n0 + tl.arange(0, BLOCK_N))
-                k = _rows(k_base, kpos, d)
-                v = _rows(v_base, kpos, d)
-                scores = tl.dot(q, tl.trans(k)) * qk_scale
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, scores, v, "tf32")
+                if PROD & 1:
+                    offs = n0 + tl.arange(0, BLOCK_N)
+                    col_ok = (offs < bsize) & (kb * bsize + offs < nk)
+                    kpos = tl.load(kord + offs, mask=col_ok, other=0)
+                else:
+                    kpos = tl.load(kord + n0 + tl.arange(0, BLOCK_N))
+                k = _rows(k_base, kpos, d, stride)
+                v = _rows(v_base, kpos, d, stride)
+                if SOFTMAX == 0:
+                    scores = tl.dot(q, tl.trans(k)) * qk_scale
+                    acc, l_i, m_i = _softmax_step(acc, l_i, m_i, scores, v, "tf32")
+                else:
+                    raw = tl.dot(q, tl.trans(k))
+                    acc, l_i, m_i = _xstep(acc, l_i, m_i, raw, qk_scale, 0.0, v, SOFTMAX == 2)
         if DO_SAMPLES:
             for s0 in range(0, n_samples, BLOCK_N):
                 sc = s0 + tl.arange(0, BLOCK_N)
                 if CONTIG:  # samples' rows copied contiguous, their block ids precomputed
                     k = _rows(KS + h * n_samples * 64, sc, d)
                     v = _rows(VS + h * n_samples * 64, sc, d)
-                    blk = tl.load(SBLK + h * n_samples + sc)
+                    if PROD & 1:
+                        s_ok = sc < n_samples
+                        blk = tl.load(SBLK + h * n_samples + sc, mask=s_ok, other=0)
+                        blk = tl.where(s_ok, blk, kb)  # (a sample past the end is skipped)
+                    else:
+                        blk = tl.load(SBLK + h * n_samples + sc)
                 else:
                     kpos = tl.load(SAMPLES + sc)
                     k = _rows(k_base, kpos, d)
                     v = _rows(v_base, kpos, d)
                     blk = tl.load(KINV + h * n + kpos) // bsize
-                scores = tl.dot(q, tl.trans(k)) * qk_scale + log2_weight
-                scores = tl.where((blk != kb)[None, :], scores, float("-inf"))
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, scores, v, "tf32")
+                if SOFTMAX == 0:
+                    scores = tl.dot(q, tl.trans(k)) * qk_scale + log2_weight
+                    scores = tl.where((blk != kb)[None, :], scores, float("-inf"))
+                    acc, l_i, m_i = _softmax_step(acc, l_i, m_i, scores, v, "tf32")
+                else:
+                    raw = tl.where((blk != kb)[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+                    acc, l_i, m_i = _xstep(
+                        acc, l_i, m_i, raw, qk_scale, log2_weight, v, SOFTMAX == 2
+                    )
     _store_out_lse(OUT + h * n * 64, LSE + h * n, qpos, qpos >= 0, 64, d, 64, acc, l_i, m_i)
+
+
+@triton.jit
+def _xstep(acc, l_i, m_i, raw, scale, offset, v, LAZY: tl.constexpr):
+    """``_softmax_step`` on unscaled scores (base-2 scores = raw * scale + offset): one FMA per
+    score. LAZY: the rows' reference maxima move only when a tile's max exceeds them by more
+    than 8 (p <= 2^8 meanwhile), so most steps skip rescaling acc and l."""
+    m_tile = tl.max(raw, axis=1) * scale + offset
+    m_new = tl.maximum(m_i, m_tile)
+    if LAZY:
+        if tl.max(m_new - m_i, axis=0) > 8.0:
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+    else:
+        alpha = tl.exp2(m_i - m_new)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
+    p = tl.exp2(tl.fma(raw, scale, (offset - m_i)[:, None]))
+    l_i += tl.sum(p, axis=1)
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_i
 
 
 def _bench(fn, reps=50):
@@ -135,8 +204,10 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--shapes", nargs="+", help="variants: rows,keys,warps,stages each")
     parser.add_argument("--contig-only", action="store_true", help="variants: production layout")
+    parser.add_argument("--softmax", nargs="+", type=int, default=[0], help="variants: 0, 1, 2")
     args = parser.parse_args()
-    global VARIANT_SHAPES, VARIANT_CONTIG_ONLY
+    global VARIANT_SHAPES, VARIANT_CONTIG_ONLY, VARIANT_SOFTMAX
+    VARIANT_SOFTMAX = tuple(args.softmax)
     if args.shapes:
         VARIANT_SHAPES = [tuple(int(x) for x in shape.split(",")) for shape in args.shapes]
     VARIANT_CONTIG_ONLY = args.contig_only
@@ -172,7 +243,9 @@ def whole(q, k, v, cfg) -> dict:
     for causal in (False, True):
 
         def fwd(causal=causal):
-            return A.hyper_attention_forward(q, k, v, is_causal=causal, scale=None, config=cfg)
+            return A.hyper_attention_forward(
+                q, k, v, is_causal=causal, scale=None, config=cfg, with_lse=False
+            )
 
         def sdpa(causal=causal):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -212,9 +285,8 @@ def prod_ab(q, k, v, cfg) -> dict:
         res[f"bwd_even_{flag}_kernels"] = _kernel_times(bwd)
     A._Call.even = even
     call = A._setup(q, k, v, False, None, cfg, backward=False)
-    level = call.plan.levels[0]
     _, _, k_inverse = call.orders(0)
-    res["gather_samples_ms"] = _bench(lambda: A._sample_rows(call, level, k_inverse))
+    res["gather_samples_ms"] = _bench(lambda: A._sample_rows(call, 0, k_inverse))
     return res
 
 
@@ -239,8 +311,11 @@ def variants(q, k, v, cfg) -> dict:
     scale = call.scale * A.LOG2E
     rows = []
     for bm, bn, warps, stages in VARIANT_SHAPES:
-        for contig in (True,) if VARIANT_CONTIG_ONLY else (False, True):
-            var = dict(bm=bm, bn=bn, warps=warps, stages=stages, contig=contig, flat=False)
+        for contig, softmax in itertools.product(
+            (True,) if VARIANT_CONTIG_ONLY else (False, True), VARIANT_SOFTMAX
+        ):
+            var = dict(bm=bm, bn=bn, warps=warps, stages=stages, contig=contig, flat=False,
+                       softmax=softmax)  # fmt: skip
             out = torch.full_like(q, float("nan"))
             lse = torch.full_like(lse_ref, float("nan"))
 
@@ -249,7 +324,7 @@ def variants(q, k, v, cfg) -> dict:
                     q, k, v, out, lse, q_order, k_order, k_inverse, samples, ks, vs, sblk,
                     scale, log2_weight, n, m, bsize,
                     BLOCK_M=var["bm"], BLOCK_N=var["bn"], DO_BLOCK=True, DO_SAMPLES=True,
-                    CONTIG=var["contig"], FLAT=var["flat"],
+                    CONTIG=var["contig"], FLAT=var["flat"], SOFTMAX=var["softmax"],
                     num_warps=var["warps"], num_stages=var["stages"],
                 )  # fmt: skip
 
@@ -267,9 +342,65 @@ def variants(q, k, v, cfg) -> dict:
     }
 
 
+def prod_features(q, k, v, cfg) -> dict:
+    """What the production kernel's generality costs: the simplified forward (64 x 64 tiles,
+    4 warps, 2 stages, contiguous samples) with each of its features added (``PROD`` bits)."""
+    from kernels import attention as A
+
+    heads, n = q.shape[1], q.shape[2]
+    call = A._setup(q, k, v, False, None, cfg, backward=False)
+    level = call.plan.levels[0]
+    q_order, k_order, k_inverse = call.orders(0)
+    out_ref = torch.empty_like(q)
+    lse_ref = torch.empty(1, heads, n, device="cuda", dtype=torch.float32)
+    A._approx_forward(call, 0, out_ref, lse_ref, merge=False)
+    bsize, m, rows_per = cfg.block_size, level.samples.shape[-1], 64
+    samples = level.samples[0, 0, 0].contiguous()
+    ks = k[0][:, samples.long()].contiguous()
+    vs = v[0][:, samples.long()].contiguous()
+    sblk = (k_inverse[0][:, samples.long()] // bsize).to(torch.int32).contiguous()
+    starts = torch.arange(0, n, rows_per, dtype=torch.int32)
+    tiles = torch.stack([starts * 0, starts // bsize, (starts % bsize) // rows_per], 1)
+    tiles = tiles.contiguous().cuda()
+    log2_weight = float(torch.log2(torch.tensor(n / m)))
+    res = {"prod_fused_fwd_ms": _bench(lambda: A._approx_forward(call, 0, out_ref, lse_ref, False))}
+    for prod in PROD_FEATURES:
+        out = torch.full_like(q, float("nan"))
+        lse = torch.full_like(lse_ref, float("nan"))
+
+        def launch(prod=prod, out=out, lse=lse):
+            _xfwd_kernel[(n // rows_per, heads)](
+                q, k, v, out, lse, q_order, k_order, k_inverse, samples, ks, vs, sblk,
+                call.scale * A.LOG2E, log2_weight, n, m, bsize,
+                BLOCK_M=rows_per, BLOCK_N=64, DO_BLOCK=True, DO_SAMPLES=True, CONTIG=True,
+                FLAT=False, TILES=tiles, SUBS=level.subs, stride_n=k.stride(2), PROD=prod,
+                num_warps=4, num_stages=2,
+            )  # fmt: skip
+
+        row = {"prod_bits": prod}
+        try:
+            launch()
+            torch.cuda.synchronize()
+            row["max_diff_vs_prod"] = (out.float() - out_ref.float()).abs().max().item()
+            row["ms"] = _bench(launch)
+        except Exception as err:  # a variant that does not compile is a result too
+            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        res[f"prod{prod}"] = row
+        print(row, flush=True)
+    res["prod_fused_fwd_ms_again"] = _bench(
+        lambda: A._approx_forward(call, 0, out_ref, lse_ref, False)
+    )
+    return res
+
+
+PROD_FEATURES = (0, 1, 2, 4, 7, 0, 7)  # ``_xfwd_kernel``'s PROD bits, alternating the ends
+
+
 # (rows, keys per step, warps, stages) of the simplified forward; --shapes replaces them
 VARIANT_SHAPES = [(128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 4, 4)]
 VARIANT_CONTIG_ONLY = False  # --contig-only: the production layout (compact sample rows) only
+# online-softmax forms (``--softmax``): 0 production, 1 one FMA per score, 2 that + lazy rescale
+VARIANT_SOFTMAX = (0,)
 
 
 def chunks(q, k, v, cfg) -> dict:
@@ -406,7 +537,9 @@ def graphed(q, k, v, cfg) -> dict:
     for causal in (False, True):
 
         def fwd(causal=causal):
-            return A.hyper_attention_forward(q, k, v, is_causal=causal, scale=None, config=cfg)
+            return A.hyper_attention_forward(
+                q, k, v, is_causal=causal, scale=None, config=cfg, with_lse=False
+            )
 
         fwd()  # plans and kernels ready before the capture
         stream = torch.cuda.Stream()
@@ -439,7 +572,9 @@ def host(q, k, v, cfg) -> dict:
     from kernels import attention as A
 
     def fwd():
-        return A.hyper_attention_forward(q, k, v, is_causal=False, scale=None, config=cfg)
+        return A.hyper_attention_forward(
+            q, k, v, is_causal=False, scale=None, config=cfg, with_lse=False
+        )
 
     fwd()
     torch.cuda.synchronize()
@@ -459,12 +594,114 @@ def once(q, k, v, cfg) -> dict:
     """One non-causal forward (for a profiler such as ncu to attach to its kernels)."""
     from kernels import attention as A
 
-    A.hyper_attention_forward(q, k, v, is_causal=False, scale=None, config=cfg)
+    A.hyper_attention_forward(q, k, v, is_causal=False, scale=None, config=cfg, with_lse=False)
     torch.cuda.synchronize()
     return {}
 
 
+def launch_options(q, k, v, cfg) -> dict:
+    """The production fused forward under other launch options (rows, warps, stages, ptxas
+    register limit): registers, spills, ms, and its output against the default's."""
+    import dataclasses
+
+    from kernels import attention as A
+
+    heads, n = q.shape[1], q.shape[2]
+    base = A.tuning_for(64, q.dtype)
+    rows = []
+    ref = None
+    for fwd_rows, warps, stages, maxnreg in LAUNCH_OPTIONS:
+        tune = dataclasses.replace(
+            base, one_level_fwd_rows=fwd_rows, fwd_warps=warps, one_level_fwd_stages=stages,
+            one_level_fwd_maxnreg=maxnreg,
+        )  # fmt: skip
+        A.set_tuning(tune)
+        row = dict(rows=fwd_rows, warps=warps, stages=stages, maxnreg=maxnreg)
+        try:
+            call = A._setup(q, k, v, False, None, cfg, backward=False)
+            call.orders(0)
+            out = torch.full_like(q, float("nan"))
+            lse = torch.empty(1, heads, n, device="cuda", dtype=torch.float32)
+            kernel = A._approx_forward(call, 0, out, lse, False)
+            torch.cuda.synchronize()
+            ref = out if ref is None else ref
+            row["regs"], row["spills"] = kernel.n_regs, kernel.n_spills
+            row["max_diff_vs_first"] = (out.float() - ref.float()).abs().max().item()
+            row["ms"] = _bench(lambda c=call, o=out, s=lse: A._approx_forward(c, 0, o, s, False))
+        except Exception as err:  # a variant that does not compile is a result too
+            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        finally:
+            A.set_tuning(None)
+        rows.append(row)
+        print(row, flush=True)
+    return {"rows": rows}
+
+
+# (rows, warps, stages, maxnreg) of the production one-level forward; the first is the default.
+# Session 7's first sweep (results/explore_forward_s7_h100.json) also had 128/112/88/80
+# registers (88 and below spill heavily: 4-5 ms), 1 and 3 stages and 128-row programs: all slower
+# than 96 or the default; these alternate the two candidates left.
+LAUNCH_OPTIONS = [
+    (64, 4, 2, None), (64, 4, 2, 96), (64, 4, 2, 104), (64, 4, 2, None), (64, 4, 2, 96),
+    (64, 4, 2, 104),
+]  # fmt: skip
+
+
+@triton.jit
+def _marker_kernel(X):
+    tl.store(X, tl.load(X) + 1)
+
+
+def timeline(q, k, v, cfg) -> dict:
+    """One forward at a time as the GPU saw it (CUPTI): each kernel's start and end after a
+    marker kernel issued just before the call, so the gaps are the GPU waiting for the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kernels import attention as A
+
+    marker = torch.zeros(1, device="cuda")
+    res = {}
+    for causal in (False, True):
+
+        def fwd(causal=causal):
+            return A.hyper_attention_forward(
+                q, k, v, is_causal=causal, scale=None, config=cfg, with_lse=False
+            )
+
+        fwd()
+        runs = []
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                torch.cuda.synchronize()
+                _marker_kernel[(1,)](marker)
+                fwd()
+                torch.cuda.synchronize()
+        events = sorted(
+            (e for e in prof.events() if e.device_type.name == "CUDA" and e.device_time > 0),
+            key=lambda e: e.time_range.start,
+        )
+        for e in events:
+            if "_marker_kernel" in e.name:
+                runs.append([])
+                t0 = e.time_range.end
+                continue
+            if not runs:
+                continue
+            runs[-1].append(
+                (e.name[:40], round((e.time_range.start - t0) / 1e3, 4),
+                 round((e.time_range.end - t0) / 1e3, 4))
+            )  # fmt: skip
+        res["causal" if causal else "noncausal"] = {
+            "kernels_start_end_ms_after_marker": runs[-1] if runs else [],
+            "end_ms_per_run": [r[-1][2] for r in runs if r],
+        }
+    return res
+
+
 SECTIONS = {
+    "launch_options": launch_options,
+    "prod_features": prod_features,
+    "timeline": timeline,
     "once": once,
     "host": host,
     "rank_variants": rank_variants,

@@ -107,7 +107,7 @@ def _approximate(q, k, v, is_causal, scale, cfg):
     kernels = _kernel_module() if q.is_cuda else None
     if kernels is not None and kernels.unsupported_reason(q, k, v, is_causal, cfg) is None:
         return kernels.hyper_attention_forward(
-            q, k, v, is_causal=is_causal, scale=scale, config=cfg
+            q, k, v, is_causal=is_causal, scale=scale, config=cfg, with_lse=False
         )[0]
     return hyper_attention_reference(q, k, v, is_causal=is_causal, scale=scale, config=cfg)[0]
 

@@ -99,7 +99,10 @@ def _sample_tile(
     at = row * n_samples + sc
     k = _load_rows(KS, at, D, d, D, s_ok, EVEN)
     v = _load_rows(VS, at, DV, dv, DV, s_ok, EVEN)
-    sblk = tl.load(SBLK + at, mask=s_ok, other=0)
+    if EVEN:
+        sblk = tl.load(SBLK + at)
+    else:
+        sblk = tl.load(SBLK + at, mask=s_ok, other=0)
     kpos = sc
     if ONLY_PAST or PATTERN:
         kpos = k_off + tl.load(SAMPLES + at, mask=s_ok, other=0)
@@ -136,11 +139,12 @@ def _approx_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MERGE: tl.constexpr, ONLY_PAST: tl.constexpr, PRECISION: tl.constexpr,
     PATTERN: tl.constexpr, CAUSAL_WINDOW: tl.constexpr, SEED_SELF: tl.constexpr,
-    EVEN: tl.constexpr, SPLIT: tl.constexpr,
+    EVEN: tl.constexpr, SPLIT: tl.constexpr, STORE_LSE: tl.constexpr,
 ):  # fmt: skip
     """``EVEN`` (``Level.even`` and head dims that are powers of two): no tile has a row, key
     or sample past its end, so the loads, the store and the scores need no masks. ``SPLIT``
-    programs share one tile of ``TILES`` (its rows are SPLIT x BLOCK_M)."""
+    programs share one tile of ``TILES`` (its rows are SPLIT x BLOCK_M). Without
+    ``STORE_LSE`` only the output is written."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // q_heads
@@ -155,7 +159,11 @@ def _approx_fwd_kernel(
 
     rows = j * qpb + t * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = (rows < (j + 1) * qpb) & (rows < nq)
-    qpos = tl.load(QORD + pid_bh.to(tl.int64) * n_queries + q_off + rows, mask=row_ok, other=0)
+    qord_row = QORD + pid_bh.to(tl.int64) * n_queries + q_off
+    if EVEN:  # the index loads need no masks either
+        qpos = tl.load(qord_row + rows)
+    else:
+        qpos = tl.load(qord_row + rows, mask=row_ok, other=0)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     q_base = Q + b.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh
@@ -187,7 +195,10 @@ def _approx_fwd_kernel(
         offs = n0 + tl.arange(0, BLOCK_N)
         cols = kb * bsize + offs
         col_ok = (offs < bsize) & (cols < nk)
-        kpos = tl.load(kord_base + cols, mask=col_ok, other=0)
+        if EVEN:
+            kpos = tl.load(kord_base + cols)
+        else:
+            kpos = tl.load(kord_base + cols, mask=col_ok, other=0)
         k = _load_rows(k_base, kpos, stride_kn, d, D, col_ok, EVEN)
         v = _load_rows(v_base, kpos, stride_vn, dv, DV, col_ok, EVEN)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -209,7 +220,10 @@ def _approx_fwd_kernel(
             KS, VS, SBLK, SAMPLES, sample_row, n_samples, k_off, sc, d, dv,
             D, DV, ONLY_PAST, PATTERN, EVEN,
         )  # fmt: skip
-        keep = (s_ok & (sblk != kb))[None, :]
+        if EVEN:
+            keep = (sblk != kb)[None, :]
+        else:
+            keep = (s_ok & (sblk != kb))[None, :]
         if ONLY_PAST or PATTERN:
             keep = keep & _past_and_not_exact(
                 qpos, kpos, window, dilation, sinks, ONLY_PAST, PATTERN, CAUSAL_WINDOW
@@ -218,7 +232,8 @@ def _approx_fwd_kernel(
         scores = tl.where(keep, scores, float("-inf"))
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, scores, v, PRECISION)
 
-    _store_out_lse(o_base, lse_base, qpos, row_ok, stride_on, dv, DV, acc, l_i, m_i, EVEN)
+    _store_out_lse(o_base, lse_base, qpos, row_ok, stride_on, dv, DV, acc, l_i, m_i, EVEN,
+                   STORE_LSE)  # fmt: skip
 
 
 @triton.jit
@@ -431,7 +446,7 @@ def _approx_dkdv_block_kernel(
 @triton.jit
 def _approx_dkdv_sample_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV_OUT,
-    QORD, KINV, SAMPLES, SLOT, SUBS, TILES,
+    QORD, SAMPLES, SBLK, SLOT, SUBS, TILES,
     sm_scale, qk_scale,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -447,6 +462,7 @@ def _approx_dkdv_sample_kernel(
 ):  # fmt: skip
     """dK/dV of a chunk of samples from one split of the sub-problem's sorted queries, added
     atomically into fp32 DK/DV_OUT (a key may be drawn several times and by several splits).
+    SBLK: the samples' sortLSH block ids (``_gather_samples_kernel``).
     COMPACT: DK/DV_OUT are [S, B, Hkv, m, D] rows per distinct sampled key (``SLOT``), which
     ``_sample_merge_kernel`` adds into the real dK/dV once."""
     pid_t = tl.program_id(0)
@@ -459,9 +475,10 @@ def _approx_dkdv_sample_kernel(
     q_off, nq, k_off, nk, qpb, q_blocks, k_blocks = _sub_params(SUBS, s)
 
     sc = c * BLOCK_N + tl.arange(0, BLOCK_N)
-    kpos, sblk, s_ok = _sample_keys(
-        SAMPLES, KINV, s, b, hkv, batch, kv_heads, n_keys, n_samples, k_off, bsize, sc
-    )
+    s_ok = sc < n_samples
+    at = ((s * batch + b) * kv_heads + hkv).to(tl.int64) * n_samples + sc
+    kpos = k_off + tl.load(SAMPLES + at, mask=s_ok, other=0)
+    sblk = tl.load(SBLK + at, mask=s_ok, other=0)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh

@@ -72,6 +72,8 @@ class Tuning:
     # program (a divisor of block_m) and pipeline stages; None: block_m and stages
     one_level_fwd_rows: int | None = None
     one_level_fwd_stages: int | None = None
+    # registers per thread allowed to that forward (ptxas .maxnreg): None lets ptxas choose
+    one_level_fwd_maxnreg: int | None = None
 
     def __post_init__(self):
         rows = self.one_level_fwd_rows
@@ -275,11 +277,12 @@ def _samples(level) -> torch.Tensor:
     return s if s.numel() else torch.zeros(1, dtype=torch.int32, device=s.device)
 
 
-def _sample_rows(call: _Call, level, k_inverse) -> tuple:
-    """(sample indices, K rows, V rows, block ids) of one level's samples, the compact copies
-    that the forward and dQ kernels read (``_gather_samples_kernel``): m rows per sub-problem
-    and KV head, the same for every query tile."""
-    k, v = call.k, call.v
+def _sample_rows(call: _Call, index: int, k_inverse) -> tuple:
+    """(sample indices, K rows, V rows, block ids) of level ``index``'s samples, the compact
+    copies that the forward and dQ kernels read (``_gather_samples_kernel``): m rows per
+    sub-problem and KV head, the same for every query tile. The block ids (from K's inverse
+    order) also serve the samples' dK/dV kernel."""
+    k, v, level = call.k, call.v, call.plan.levels[index]
     subs, batch, kv_heads, m = level.samples.shape
     if m == 0:
         dummy = _samples(level)
@@ -297,18 +300,25 @@ def _sample_rows(call: _Call, level, k_inverse) -> tuple:
 
 
 # ----------------------------------------------------------------------------- forward
-def hyper_attention_forward(q, k, v, *, is_causal: bool, scale: float | None, config: HyperConfig):
+def hyper_attention_forward(
+    q, k, v, *, is_causal: bool, scale: float | None, config: HyperConfig, with_lse: bool = True
+):
     """HyperAttention forward (the reference's semantics) with the Triton kernels.
 
     Args:
         q: [B, Hq, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv], one of fp16/bf16/fp32.
+        with_lse: also return the log-sum-exp. The op's forward asks for none (its backward
+            recomputes it): a one-level call then neither writes nor allocates it.
 
     Returns:
-        (out [B, Hq, Nq, Dv] in q's dtype, lse [B, Hq, Nq] fp32 natural-log log-sum-exp)
+        (out [B, Hq, Nq, Dv] in q's dtype, lse [B, Hq, Nq] fp32 natural-log log-sum-exp, or
+        None without ``with_lse``)
     """
     if config.method == "select":
-        return select_forward(q, k, v, is_causal=is_causal, scale=scale, config=config)
-    return _forward(_setup(q, k, v, is_causal, scale, config, backward=False))
+        out, lse = select_forward(q, k, v, is_causal=is_causal, scale=scale, config=config)
+        return out, lse if with_lse else None
+    call = _setup(q, k, v, is_causal, scale, config, backward=False)
+    return _forward(call, with_lse, release_sorts=True)
 
 
 # ----------------------------------------------------------------------------- head groups
@@ -357,23 +367,29 @@ def head_groups(q, k, v, is_causal: bool, cfg: HyperConfig):
     ]
 
 
-def _forward(call: _Call):
+def _outputs(call: _Call, with_lse: bool):
+    """(out, lse) of a forward; without ``with_lse`` the lse is a placeholder no kernel
+    writes."""
+    q = call.q
+    out = torch.empty(*q.shape[:3], call.v.shape[-1], dtype=q.dtype, device=q.device)
+    lse_shape = q.shape[:3] if with_lse else (1,)
+    return out, torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+
+
+def _forward(call: _Call, with_lse: bool = True, release_sorts: bool = False):
+    """(out, lse or None). ``release_sorts``: nobody needs the sorts after this forward."""
     q, k, v, plan = call.q, call.k, call.v, call.plan
     batch, q_heads, nq, _ = q.shape
-    out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, q_heads, nq, dtype=torch.float32, device=q.device)
+    if plan is not None and plan.leaf_start is None:  # non-causal or flat causal
+        return _one_level_forward(call, with_lse, release_sorts)
+    out, lse = _outputs(call, with_lse=True)
     if plan is None:  # pattern-only method: one launch
         _pattern_forward(call, out, out, lse, merge=False)
-        return out, lse
+        return out, lse if with_lse else None
     # Launches that add parts of one row merge them through ``out`` itself (in its dtype) and
     # the fp32 lse: no fp32 accumulator, so the forward needs no more memory than SDPA's (+ the
     # sort orders). Each merge rounds the row once more: measured on an H100 at 131072 (5
     # levels), out error 3.3e-3 vs 2.2e-3 with an fp32 accumulator (bf16 reference 1.7e-3).
-    if plan.leaf_start is None:  # non-causal or flat causal: one fused launch (+ the pattern)
-        _approx_forward(call, 0, out, lse, merge=False)
-        if call.pattern is not None:
-            _pattern_forward(call, out, out, lse, merge=True)
-        return out, lse
     if plan.levels:
         if call.pattern is None:
             lse.fill_(float("-inf"))
@@ -390,28 +406,54 @@ def _forward(call: _Call):
         BLOCK_M=call.tune.block_m, BLOCK_N=call.tune.block_n, MERGE=bool(plan.levels),
         num_stages=call.tune.stages, **call.shape_kwargs(call.tune.fwd_warps),
     )  # fmt: skip
-    return out, lse
+    return out, lse if with_lse else None
 
 
-def _approx_forward(call: _Call, index: int, out, lse, merge: bool) -> None:
+def _one_level_forward(call: _Call, with_lse: bool, release_sorts: bool):
+    """One fused launch (+ the pattern's). The orders and sample rows come first, so that the
+    ranks and tables they are made from can go before the output exists (peak memory)."""
+    inputs = _approx_inputs(call, 0)
+    if release_sorts:
+        call.sorts = ()
+    needs_lse = with_lse or call.pattern is not None  # the pattern merges through it
+    out, lse = _outputs(call, needs_lse)
+    _approx_launch(call, 0, inputs, out, lse, merge=False, store_lse=needs_lse)
+    if call.pattern is not None:
+        _pattern_forward(call, out, out, lse, merge=True)
+    return out, lse if with_lse else None
+
+
+def _approx_inputs(call: _Call, index: int) -> tuple:
+    """What level ``index``'s fused forward reads besides Q/K/V: (q order, k order, sample
+    indices, sample K rows, sample V rows, sample block ids)."""
+    q_order, k_order, k_inverse = call.orders(index)
+    return q_order, k_order, *_sample_rows(call, index, k_inverse)
+
+
+def _approx_forward(call: _Call, index: int, out, lse, merge: bool):
+    """One level's fused forward; returns the launched (compiled) kernel."""
+    return _approx_launch(call, index, _approx_inputs(call, index), out, lse, merge)
+
+
+def _approx_launch(call: _Call, index: int, inputs, out, lse, merge: bool, store_lse=True):
     q, k, v, level, tune = call.q, call.k, call.v, call.plan.levels[index], call.tune
     batch, q_heads, nq, _ = q.shape
-    q_order, k_order, k_inverse = call.orders(index)
-    rows, stages = tune.block_m, tune.stages
+    rows, stages, limits = tune.block_m, tune.stages, {}
     if call.plan.leaf_start is None and tune.one_level_fwd_rows is not None:
         rows, stages = tune.one_level_fwd_rows, tune.one_level_fwd_stages or tune.stages
+        if tune.one_level_fwd_maxnreg is not None:
+            limits = dict(maxnreg=tune.one_level_fwd_maxnreg)
     split = tune.block_m // rows
     grid = (level.q_tiles.shape[0] * split, batch * q_heads)
-    _approx_fwd_kernel[grid](
-        q, k, v, out, lse, q_order, k_order, *_sample_rows(call, level, k_inverse),
-        level.subs, level.q_tiles,
+    return _approx_fwd_kernel[grid](
+        q, k, v, out, lse, *inputs, level.subs, level.q_tiles,
         call.scale * LOG2E,
         *call.strides(q, k, v, out),
         batch, q_heads, k.shape[1], nq, k.shape[2], level.samples.shape[-1],
         call.cfg.block_size, *call.exclusion_args(),
         BLOCK_M=rows, BLOCK_N=tune.block_n, MERGE=merge, ONLY_PAST=call.plan.only_past,
-        EVEN=call.even(level), SPLIT=split, num_stages=stages,
-        **call.exclusion_flags(), **call.shape_kwargs(tune.fwd_warps),
+        EVEN=call.even(level), SPLIT=split, STORE_LSE=store_lse, num_stages=stages,
+        **call.exclusion_flags(), **call.shape_kwargs(tune.fwd_warps), **limits,
     )  # fmt: skip
 
 
@@ -526,10 +568,11 @@ def _backward(call: _Call, grad_out):
 
     for index, level in enumerate(plan.levels if plan is not None else ()):
         q_ord, k_ord, k_inv = call.orders(index)
+        samples, sample_k, sample_v, sample_blocks = _sample_rows(call, index, k_inv)
         n_samples = level.samples.shape[-1]
         _approx_dq_kernel[(level.q_tiles.shape[0], batch * q_heads)](
             q, k, v, grad_out, lse, delta, dq, q_ord, k_ord,
-            *_sample_rows(call, level, k_inv), level.subs, level.q_tiles, *common,
+            samples, sample_k, sample_v, sample_blocks, level.subs, level.q_tiles, *common,
             batch, q_heads, kv_heads, nq, nk, n_samples, call.cfg.block_size,
             *call.exclusion_args(),
             BLOCK_M=tune.block_m, BLOCK_N=tune.block_n, ACCUMULATE=diagonal,
@@ -548,8 +591,9 @@ def _backward(call: _Call, grad_out):
                 sample_dk = torch.zeros(*slots, dim, dtype=torch.float32, device=q.device)
                 sample_dv = torch.zeros(*slots, dim_v, dtype=torch.float32, device=q.device)
             _approx_dkdv_sample_kernel[(level.s_tiles.shape[0], batch * kv_heads)](
-                q, k, v, grad_out, lse, delta, sample_dk, sample_dv, q_ord, k_inv,
-                level.samples, level.sample_slot, level.subs, level.s_tiles, *common,
+                q, k, v, grad_out, lse, delta, sample_dk, sample_dv, q_ord,
+                level.samples, sample_blocks, level.sample_slot, level.subs, level.s_tiles,
+                *common,
                 batch, q_heads, kv_heads, nq, nk, n_samples, call.cfg.block_size,
                 level.q_split, *call.exclusion_args(),
                 BLOCK_M=tune.bwd_block_m, BLOCK_N=tune.block_n, ONLY_PAST=plan.only_past,

@@ -56,11 +56,12 @@ def _softmax_step(acc, l_i, m_i, scores, v, PRECISION: tl.constexpr):
 
 @triton.jit
 def _store_out_lse(
-    o_base, lse_base, rows, row_ok, stride_on, dv, DV, acc, l_i, m_i, EVEN: tl.constexpr = False
-):
+    o_base, lse_base, rows, row_ok, stride_on, dv, DV, acc, l_i, m_i,
+    EVEN: tl.constexpr = False, STORE_LSE: tl.constexpr = True,
+):  # fmt: skip
     """Final rows of a forward: out = acc / l in O's dtype at ``rows`` of ``o_base`` and the
-    natural-log lse at ``lse_base + rows`` (-inf for a row that saw no key, with out = 0).
-    ``EVEN`` as in ``_load_rows``."""
+    natural-log lse at ``lse_base + rows`` (-inf for a row that saw no key, with out = 0;
+    not written without ``STORE_LSE``). ``EVEN`` as in ``_load_rows``."""
     nonempty = l_i > 0
     safe_l = tl.where(nonempty, l_i, 1.0)
     out = acc / safe_l[:, None]
@@ -68,8 +69,10 @@ def _store_out_lse(
     o_offs = rows[:, None].to(tl.int64) * stride_on + dv[None, :]
     if EVEN:
         tl.store(o_base + o_offs, out.to(o_base.dtype.element_ty))
-        tl.store(lse_base + rows, lse)
+        if STORE_LSE:
+            tl.store(lse_base + rows, lse)
     else:
         mask = row_ok[:, None] & (dv < DV)[None, :]
         tl.store(o_base + o_offs, out.to(o_base.dtype.element_ty), mask=mask)
-        tl.store(lse_base + rows, lse, mask=row_ok)
+        if STORE_LSE:
+            tl.store(lse_base + rows, lse, mask=row_ok)

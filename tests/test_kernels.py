@@ -270,6 +270,30 @@ def test_unsupported_shapes():
     assert "head dims" in kernels.unsupported_reason(q8, k8, v8, False, SMALL)
 
 
+@pytest.mark.parametrize(
+    "causal,change",
+    [(False, {}), (True, {}), (False, dict(window=4, sinks=2))],
+    ids=["one-level", "recursive", "one-level-pattern"],
+)
+def test_forward_without_lse(causal, change):
+    """with_lse=False (the op's forward) returns no lse and the same output, bit for bit."""
+    q, k, v, _ = _inputs(1, 2, 1, 70, 70, 64, torch.float32)
+    cfg = SMALL.replace(**change)
+    out, lse = kernels.hyper_attention_forward(q, k, v, is_causal=causal, scale=None, config=cfg)
+    alone, none = kernels.hyper_attention_forward(
+        q, k, v, is_causal=causal, scale=None, config=cfg, with_lse=False
+    )
+    assert none is None and lse is not None and torch.equal(out, alone)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "recursive"])
+def test_more_hyperplanes_than_counting_sort(causal):
+    """Beyond 8 hyperplanes torch.sort orders the rows, and the samples' block ids come from
+    its inverse (``TorchSort``): forward and backward against the reference."""
+    cfg = SMALL.replace(lsh_num_projs=9)
+    _check(*_inputs(1, 2, 1, 90, 90, 64, torch.float32), is_causal=causal, cfg=cfg)
+
+
 @pytest.mark.parametrize("n_segments", [3, 300], ids=["int16-keys", "int32-keys"])
 def test_sort_levels_segments(n_segments):
     from hyperpass.kernels.hashing import sort_levels
