@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import FLOOR, _exact_elsewhere, _load_rows, _softmax_step, _store_out_lse
+from .common import FLOOR, _exact_elsewhere, _load_rows, _load_vec, _softmax_step, _store_out_lse
 
 
 @triton.jit
@@ -99,10 +99,7 @@ def _sample_tile(
     at = row * n_samples + sc
     k = _load_rows(KS, at, D, d, D, s_ok, EVEN)
     v = _load_rows(VS, at, DV, dv, DV, s_ok, EVEN)
-    if EVEN:
-        sblk = tl.load(SBLK + at)
-    else:
-        sblk = tl.load(SBLK + at, mask=s_ok, other=0)
+    sblk = _load_vec(SBLK + at, s_ok, EVEN)
     kpos = sc
     if ONLY_PAST or PATTERN:
         kpos = k_off + tl.load(SAMPLES + at, mask=s_ok, other=0)
@@ -159,11 +156,7 @@ def _approx_fwd_kernel(
 
     rows = j * qpb + t * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = (rows < (j + 1) * qpb) & (rows < nq)
-    qord_row = QORD + pid_bh.to(tl.int64) * n_queries + q_off
-    if EVEN:  # the index loads need no masks either
-        qpos = tl.load(qord_row + rows)
-    else:
-        qpos = tl.load(qord_row + rows, mask=row_ok, other=0)
+    qpos = _load_vec(QORD + pid_bh.to(tl.int64) * n_queries + q_off + rows, row_ok, EVEN)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     q_base = Q + b.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh
@@ -195,10 +188,7 @@ def _approx_fwd_kernel(
         offs = n0 + tl.arange(0, BLOCK_N)
         cols = kb * bsize + offs
         col_ok = (offs < bsize) & (cols < nk)
-        if EVEN:
-            kpos = tl.load(kord_base + cols)
-        else:
-            kpos = tl.load(kord_base + cols, mask=col_ok, other=0)
+        kpos = _load_vec(kord_base + cols, col_ok, EVEN)
         k = _load_rows(k_base, kpos, stride_kn, d, D, col_ok, EVEN)
         v = _load_rows(v_base, kpos, stride_vn, dv, DV, col_ok, EVEN)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -452,7 +442,7 @@ def _approx_dkdv_sample_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    batch, q_heads, kv_heads, n_queries, n_keys, n_samples, bsize, q_split,
+    batch, q_heads, kv_heads, n_queries, n_keys, n_samples, q_split,
     window, dilation, sinks,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,

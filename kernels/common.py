@@ -27,6 +27,15 @@ def _load_rows(PTR, rows, stride_n, cols, n_cols, row_ok, EVEN: tl.constexpr = F
 
 
 @triton.jit
+def _load_vec(PTRS, ok, EVEN: tl.constexpr = False):
+    """A 1-D load (index rows, block ids): zeros where not ``ok``; ``EVEN``: every element is
+    valid, so the load needs no mask (as ``_load_rows``)."""
+    if EVEN:
+        return tl.load(PTRS)
+    return tl.load(PTRS, mask=ok, other=0)
+
+
+@triton.jit
 def _in_window(qpos, kpos, window, dilation, CAUSAL: tl.constexpr):
     """[M, N] bool: is key ``kpos[n]`` in the (dilated) window of query ``qpos[m]``?"""
     d = qpos[:, None] - kpos[None, :]
