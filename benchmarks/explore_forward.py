@@ -290,8 +290,11 @@ def prod_ab(q, k, v, cfg) -> dict:
     return res
 
 
-def variants(q, k, v, cfg) -> dict:
-    """The simplified kernel's shapes (its outputs checked against the production kernel)."""
+def _simplified_inputs(q, k, v, cfg):
+    """The production call's level 0, its fused forward's output (the reference of every
+    variant) and the compact samples in the simplified kernel's layout (shared by all heads)."""
+    from types import SimpleNamespace
+
     from kernels import attention as A
 
     heads, n = q.shape[1], q.shape[2]
@@ -301,14 +304,34 @@ def variants(q, k, v, cfg) -> dict:
     out_ref = torch.empty_like(q)
     lse_ref = torch.empty(1, heads, n, device="cuda", dtype=torch.float32)
     A._approx_forward(call, 0, out_ref, lse_ref, merge=False)
-
     bsize, m = cfg.block_size, level.samples.shape[-1]
-    samples = level.samples[0, 0, 0].contiguous()  # shared by every head
-    ks = k[0][:, samples.long()].contiguous()
-    vs = v[0][:, samples.long()].contiguous()
-    sblk = (k_inverse[0][:, samples.long()] // bsize).to(torch.int32).contiguous()
-    log2_weight = float(torch.log2(torch.tensor(n / m)))
-    scale = call.scale * A.LOG2E
+    samples = level.samples[0, 0, 0].contiguous()
+    return SimpleNamespace(
+        call=call, level=level, heads=heads, n=n, bsize=bsize, m=m, out_ref=out_ref,
+        indices=(q_order, k_order, k_inverse, samples, k[0][:, samples.long()].contiguous(),
+                 v[0][:, samples.long()].contiguous(),
+                 (k_inverse[0][:, samples.long()] // bsize).to(torch.int32).contiguous()),
+        scalars=(call.scale * A.LOG2E, float(torch.log2(torch.tensor(n / m))), n, m, bsize),
+        prod_ms=lambda: _bench(lambda: A._approx_forward(call, 0, out_ref, lse_ref, False)),
+    )  # fmt: skip
+
+
+def _checked_ms(launch, out, out_ref, row: dict) -> dict:
+    """``row`` with the variant's largest difference from the production output and its ms
+    (or the error: a variant that does not compile is a result too)."""
+    try:
+        launch()
+        torch.cuda.synchronize()
+        row["max_diff_vs_prod"] = (out.float() - out_ref.float()).abs().max().item()
+        row["ms"] = _bench(launch)
+    except Exception as err:
+        row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    return row
+
+
+def variants(q, k, v, cfg) -> dict:
+    """The simplified kernel's shapes (its outputs checked against the production kernel)."""
+    x = _simplified_inputs(q, k, v, cfg)
     rows = []
     for bm, bn, warps, stages in VARIANT_SHAPES:
         for contig, softmax in itertools.product(
@@ -317,79 +340,44 @@ def variants(q, k, v, cfg) -> dict:
             var = dict(bm=bm, bn=bn, warps=warps, stages=stages, contig=contig, flat=False,
                        softmax=softmax)  # fmt: skip
             out = torch.full_like(q, float("nan"))
-            lse = torch.full_like(lse_ref, float("nan"))
+            lse = torch.full((1, x.heads, x.n), float("nan"), device="cuda")
 
             def launch(var=var, out=out, lse=lse):
-                _xfwd_kernel[(n // var["bm"], heads)](
-                    q, k, v, out, lse, q_order, k_order, k_inverse, samples, ks, vs, sblk,
-                    scale, log2_weight, n, m, bsize,
+                _xfwd_kernel[(x.n // var["bm"], x.heads)](
+                    q, k, v, out, lse, *x.indices, *x.scalars,
                     BLOCK_M=var["bm"], BLOCK_N=var["bn"], DO_BLOCK=True, DO_SAMPLES=True,
                     CONTIG=var["contig"], FLAT=var["flat"], SOFTMAX=var["softmax"],
                     num_warps=var["warps"], num_stages=var["stages"],
                 )  # fmt: skip
 
-            try:
-                launch()
-                torch.cuda.synchronize()
-                var["max_diff_vs_prod"] = (out.float() - out_ref.float()).abs().max().item()
-                var["ms"] = _bench(launch)
-            except Exception as err:  # a variant that does not compile is a result too
-                var["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-            rows.append(var)
-    return {
-        "prod_fused_fwd_ms": _bench(lambda: A._approx_forward(call, 0, out_ref, lse_ref, False)),
-        "rows": rows,
-    }
+            rows.append(_checked_ms(launch, out, x.out_ref, var))
+    return {"prod_fused_fwd_ms": x.prod_ms(), "rows": rows}
 
 
 def prod_features(q, k, v, cfg) -> dict:
     """What the production kernel's generality costs: the simplified forward (64 x 64 tiles,
     4 warps, 2 stages, contiguous samples) with each of its features added (``PROD`` bits)."""
-    from kernels import attention as A
-
-    heads, n = q.shape[1], q.shape[2]
-    call = A._setup(q, k, v, False, None, cfg, backward=False)
-    level = call.plan.levels[0]
-    q_order, k_order, k_inverse = call.orders(0)
-    out_ref = torch.empty_like(q)
-    lse_ref = torch.empty(1, heads, n, device="cuda", dtype=torch.float32)
-    A._approx_forward(call, 0, out_ref, lse_ref, merge=False)
-    bsize, m, rows_per = cfg.block_size, level.samples.shape[-1], 64
-    samples = level.samples[0, 0, 0].contiguous()
-    ks = k[0][:, samples.long()].contiguous()
-    vs = v[0][:, samples.long()].contiguous()
-    sblk = (k_inverse[0][:, samples.long()] // bsize).to(torch.int32).contiguous()
-    starts = torch.arange(0, n, rows_per, dtype=torch.int32)
-    tiles = torch.stack([starts * 0, starts // bsize, (starts % bsize) // rows_per], 1)
+    x = _simplified_inputs(q, k, v, cfg)
+    rows_per = 64
+    starts = torch.arange(0, x.n, rows_per, dtype=torch.int32)
+    tiles = torch.stack([starts * 0, starts // x.bsize, (starts % x.bsize) // rows_per], 1)
     tiles = tiles.contiguous().cuda()
-    log2_weight = float(torch.log2(torch.tensor(n / m)))
-    res = {"prod_fused_fwd_ms": _bench(lambda: A._approx_forward(call, 0, out_ref, lse_ref, False))}
+    res = {"prod_fused_fwd_ms": x.prod_ms(), "rows": []}
     for prod in PROD_FEATURES:
         out = torch.full_like(q, float("nan"))
-        lse = torch.full_like(lse_ref, float("nan"))
+        lse = torch.full((1, x.heads, x.n), float("nan"), device="cuda")
 
         def launch(prod=prod, out=out, lse=lse):
-            _xfwd_kernel[(n // rows_per, heads)](
-                q, k, v, out, lse, q_order, k_order, k_inverse, samples, ks, vs, sblk,
-                call.scale * A.LOG2E, log2_weight, n, m, bsize,
+            _xfwd_kernel[(x.n // rows_per, x.heads)](
+                q, k, v, out, lse, *x.indices, *x.scalars,
                 BLOCK_M=rows_per, BLOCK_N=64, DO_BLOCK=True, DO_SAMPLES=True, CONTIG=True,
-                FLAT=False, TILES=tiles, SUBS=level.subs, stride_n=k.stride(2), PROD=prod,
+                FLAT=False, TILES=tiles, SUBS=x.level.subs, stride_n=k.stride(2), PROD=prod,
                 num_warps=4, num_stages=2,
             )  # fmt: skip
 
-        row = {"prod_bits": prod}
-        try:
-            launch()
-            torch.cuda.synchronize()
-            row["max_diff_vs_prod"] = (out.float() - out_ref.float()).abs().max().item()
-            row["ms"] = _bench(launch)
-        except Exception as err:  # a variant that does not compile is a result too
-            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
-        res[f"prod{prod}"] = row
-        print(row, flush=True)
-    res["prod_fused_fwd_ms_again"] = _bench(
-        lambda: A._approx_forward(call, 0, out_ref, lse_ref, False)
-    )
+        res["rows"].append(_checked_ms(launch, out, x.out_ref, {"prod_bits": prod}))
+        print(res["rows"][-1], flush=True)
+    res["prod_fused_fwd_ms_again"] = x.prod_ms()
     return res
 
 
