@@ -41,12 +41,24 @@ PATTERN_IMPLS = {
 }
 
 
+# Warm-up before a one-call-at-a-time timing, as ``triton.testing.do_bench`` does: calls until
+# this much time has passed (the first call alone compiles). It does not remove the host's
+# noise: on the eighth session's H200 machines the same 131072 forward timed 1.04-1.40 ms one
+# call at a time in consecutive runs, 0.975-0.979 ms back to back (results/session8_ab_h200.json).
+WARMUP_MS = 25.0
+
+
 def timed(fn, budget_ms: float = 300.0, max_iters: int = 50) -> float:
-    """Median milliseconds of ``fn()`` over enough runs to fill about ``budget_ms``."""
+    """Median milliseconds of ``fn()`` over enough runs to fill about ``budget_ms``, each
+    synced (the host's launch time counts), after ``WARMUP_MS`` of warm-up calls."""
     import torch
 
-    fn()  # warm-up (and compile)
+    fn()  # compile
     torch.cuda.synchronize()
+    warm_start = time.perf_counter()
+    while (time.perf_counter() - warm_start) * 1e3 < WARMUP_MS:
+        fn()
+        torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()

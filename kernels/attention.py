@@ -187,6 +187,15 @@ class _Call:
         (q_order, _), (k_order, k_inverse) = [p for s in self.sorts for p in s.level(level)]
         return q_order, k_order, k_inverse
 
+    def release_sorts(self, after_level: int) -> None:
+        """The forward holds what it reads of level ``after_level`` (its orders, K's inverse
+        until the sample gather): the sorts forget that level, and after the last level they
+        go (ranks, tables, permutations)."""
+        if after_level == len(self.plan.levels) - 1:
+            self.sorts = ()
+        for sort in self.sorts:
+            sort.drop_level()
+
     @property
     def group(self) -> int:
         return self.q.shape[1] // self.k.shape[1]
@@ -396,7 +405,7 @@ def _forward(call: _Call, with_lse: bool = True, release_sorts: bool = False):
         else:  # the window/sinks of every off-diagonal sub-problem, in one launch
             _pattern_forward(call, out, out, lse, merge=False)
         for level in range(len(plan.levels)):
-            _approx_forward(call, level, out, lse, merge=True)
+            _approx_forward(call, level, out, lse, merge=True, release=release_sorts)
     grid = (cdiv(nq, call.tune.block_m), batch * q_heads)
     _diag_fwd_kernel[grid](
         q, k, v, out, out, lse, plan.leaf_start,
@@ -412,9 +421,7 @@ def _forward(call: _Call, with_lse: bool = True, release_sorts: bool = False):
 def _one_level_forward(call: _Call, with_lse: bool, release_sorts: bool):
     """One fused launch (+ the pattern's). The orders and sample rows come first, so that the
     ranks and tables they are made from can go before the output exists (peak memory)."""
-    inputs = _approx_inputs(call, 0)
-    if release_sorts:
-        call.sorts = ()
+    inputs = _approx_inputs(call, 0, release_sorts)
     needs_lse = with_lse or call.pattern is not None  # the pattern merges through it
     out, lse = _outputs(call, needs_lse)
     _approx_launch(call, 0, inputs, out, lse, merge=False, store_lse=needs_lse)
@@ -423,16 +430,23 @@ def _one_level_forward(call: _Call, with_lse: bool, release_sorts: bool):
     return out, lse if with_lse else None
 
 
-def _approx_inputs(call: _Call, index: int) -> tuple:
+def _approx_inputs(call: _Call, index: int, release: bool = False) -> tuple:
     """What level ``index``'s fused forward reads besides Q/K/V: (q order, k order, sample
-    indices, sample K rows, sample V rows, sample block ids)."""
+    indices, sample K rows, sample V rows, sample block ids).
+
+    ``release``: no later launch of this call reads level ``index``'s K inverse (the sample
+    gather is its last reader), nor, after the last level's scatter, the sorts at all: they go
+    as soon as possible, so that fewer of them coexist with the output and the sample rows (the
+    forward's peak memory)."""
     q_order, k_order, k_inverse = call.orders(index)
+    if release:
+        call.release_sorts(after_level=index)  # k_inverse lives on until the gather is issued
     return q_order, k_order, *_sample_rows(call, index, k_inverse)
 
 
-def _approx_forward(call: _Call, index: int, out, lse, merge: bool):
+def _approx_forward(call: _Call, index: int, out, lse, merge: bool, release: bool = False):
     """One level's fused forward; returns the launched (compiled) kernel."""
-    return _approx_launch(call, index, _approx_inputs(call, index), out, lse, merge)
+    return _approx_launch(call, index, _approx_inputs(call, index, release), out, lse, merge)
 
 
 def _approx_launch(call: _Call, index: int, inputs, out, lse, merge: bool, store_lse=True):

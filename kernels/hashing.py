@@ -2,7 +2,8 @@
 
 The rank kernels read each row once and write one rank: neither the projections nor a scaled
 copy of Q exist in memory. Ranks equal :func:`hyperpass.lsh.lsh_ranks` of the same rows except
-where a projection is within rounding of zero (the two sum in different orders).
+where a projection is within rounding of zero (the two sum in different orders; 16-bit rows are
+projected by tensor-core dots on the planes split into three 16-bit parts).
 ``CountingSort`` sorts by counting (up to 2^8 buckets) in four launches, for Q and K together
 when they have the same length; ``TorchSort`` uses ``torch.sort`` beyond.
 """
@@ -31,6 +32,35 @@ def _gray_rank(x, PLANES, cols, D: tl.constexpr, R: tl.constexpr, N_SHIFTS: tl.c
         plane = tl.load(PLANES + cols * R + r, mask=cols < D, other=0.0)
         proj = tl.sum(x * plane[None, :], axis=1)
         code += (proj > 0).to(tl.int32) << r
+    return _inverse_gray(code, N_SHIFTS)
+
+
+@triton.jit
+def _gray_rank_dot(x, PLANES, cols, scale, D: tl.constexpr, R: tl.constexpr,
+                   N_SHIFTS: tl.constexpr):  # fmt: skip
+    """``_gray_rank`` of the rows of ``x * scale``, ``x`` [rows, BLOCK_D] in fp16/bf16, by
+    tensor-core dots: the fp32 planes split into three parts of x's dtype (high, middle, low:
+    24 bits for bf16), each product exact, summed in fp32, so the projections carry about the
+    fp32 row sums' rounding. Two parts (16 bits for bf16) flipped ~5e-5 of the rows' ranks
+    against the fp32 reference on an H200 and doubled dK's error in the GPU check. 0.062 vs
+    0.089 ms per [12, 131072, 64] bf16 tensor there (the row sums' warp shuffles, not memory,
+    bound that kernel)."""
+    r = tl.arange(0, 16)  # a dot's smallest width; R <= 8 planes
+    ok = (cols < D)[:, None] & (r < R)[None, :]
+    planes = tl.load(PLANES + cols[:, None] * R + r[None, :], mask=ok, other=0.0)
+    high = planes.to(x.dtype)
+    rest = planes - high.to(tl.float32)
+    middle = rest.to(x.dtype)
+    low = (rest - middle.to(tl.float32)).to(x.dtype)
+    proj = tl.dot(x, middle, acc=tl.dot(x, low))  # the small parts first
+    proj = tl.dot(x, high, acc=proj) * scale
+    code = tl.sum(((proj > 0) & (r < R)[None, :]).to(tl.int32) << r[None, :], axis=1)
+    return _inverse_gray(code, N_SHIFTS)
+
+
+@triton.jit
+def _inverse_gray(code, N_SHIFTS: tl.constexpr):
+    """Position along the binary-reflected Gray sequence: prefix XOR from the top bit."""
     rank = code
     for s in tl.static_range(N_SHIFTS):
         rank = rank ^ (rank >> (1 << s))
@@ -68,12 +98,17 @@ def _rank_kernel(
 
 
 @triton.jit
-def _scaled_rows(X, row, heads, stride_b, stride_h, stride_n, rows, cols, ok, scale, D):
-    """Rows ``rows`` of (batch, head) row ``row`` of X [B, heads, N, D], times ``scale``, fp32."""
+def _rows_ranked(X, row, heads, stride_b, stride_h, stride_n, rows, cols, ok, scale, PLANES,
+                 D: tl.constexpr, R: tl.constexpr, N_SHIFTS: tl.constexpr,
+                 DOT: tl.constexpr):  # fmt: skip
+    """Gray-code ranks of rows ``rows`` of (batch, head) row ``row`` of X [B, heads, N, D],
+    times ``scale``: by tensor-core dots (DOT: 16-bit X) or fp32 row sums."""
     base = X + (row // heads).to(tl.int64) * stride_b + (row % heads).to(tl.int64) * stride_h
     offs = rows[:, None].to(tl.int64) * stride_n + cols[None, :]
     x = tl.load(base + offs, mask=ok[:, None] & (cols < D)[None, :], other=0.0)
-    return x.to(tl.float32) * scale
+    if DOT:
+        return _gray_rank_dot(x, PLANES, cols, scale, D, R, N_SHIFTS)
+    return _gray_rank(x.to(tl.float32) * scale, PLANES, cols, D, R, N_SHIFTS)
 
 
 @triton.jit
@@ -82,11 +117,11 @@ def _chunk_rank_kernel(
     stride_xb, stride_xh, stride_xn, stride_yb, stride_yh, stride_yn,
     heads_x, heads_y, rows_x, n_rows, scale_x, scale_y,
     D: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr, N_SHIFTS: tl.constexpr,
-    CHUNK: tl.constexpr, SUB: tl.constexpr,
+    CHUNK: tl.constexpr, SUB: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
     """Ranks (int16) of SUB rows of one chunk, of X's (batch, head) rows first (``rows_x`` of
     them), then Y's: one launch hashes Q and K. Many small programs: one program per chunk was
-    3x slower."""
+    3x slower. DOT: projections by tensor-core dots (16-bit X and Y)."""
     pid = tl.program_id(0)
     row = tl.program_id(1)
     c = pid // (CHUNK // SUB)
@@ -96,12 +131,11 @@ def _chunk_rank_kernel(
     rows = start + tl.arange(0, SUB)
     ok = rows < end
     if row < rows_x:
-        x = _scaled_rows(X, row, heads_x, stride_xb, stride_xh, stride_xn, rows, cols, ok,
-                         scale_x, D)  # fmt: skip
+        rank = _rows_ranked(X, row, heads_x, stride_xb, stride_xh, stride_xn, rows, cols, ok,
+                            scale_x, PLANES, D, R, N_SHIFTS, DOT)  # fmt: skip
     else:
-        x = _scaled_rows(Y, row - rows_x, heads_y, stride_yb, stride_yh, stride_yn, rows, cols,
-                         ok, scale_y, D)  # fmt: skip
-    rank = _gray_rank(x, PLANES, cols, D, R, N_SHIFTS)
+        rank = _rows_ranked(Y, row - rows_x, heads_y, stride_yb, stride_yh, stride_yn, rows,
+                            cols, ok, scale_y, PLANES, D, R, N_SHIFTS, DOT)  # fmt: skip
     tl.store(RANK + row.to(tl.int64) * n_rows + rows, rank.to(tl.int16), mask=ok)
 
 
@@ -346,11 +380,13 @@ class CountingSort:
         self.inverse_from = rows - batch * self.heads[-1]
         self.ranks = torch.empty(rows, n, dtype=torch.int16, device=x.device)
         sub = min(64, chunk)
+        dot = x.dtype in (torch.float16, torch.bfloat16)  # projections by tensor-core dots
         _chunk_rank_kernel[(n_chunks * (chunk // sub), rows)](
             x, y, planes, self.ranks, self.chunks, *x.stride()[:3], *y.stride()[:3],
             x.shape[1], y.shape[1], rows_x, n, scale_x, scale_y,
             D=dim, BLOCK_D=next_pow2(dim), R=num_projs,
-            N_SHIFTS=max(0, (num_projs - 1).bit_length()), CHUNK=chunk, SUB=sub,
+            N_SHIFTS=max(0, (num_projs - 1).bit_length()), CHUNK=chunk, SUB=sub, DOT=dot,
+            num_warps=2 if dot else 4,  # H200: 0.062 vs 0.079 ms per tensor with 4 (dots)
         )  # fmt: skip
         hist = torch.empty(rows, n_chunks, self.buckets, dtype=torch.int32, device=x.device)
         _chunk_hist_kernel[(n_chunks, rows)](
@@ -381,6 +417,13 @@ class CountingSort:
             last = inverses[level - first].view(self.batch, self.heads[-1], self.n)
             result[-1] = (result[-1][0], last)
         return result
+
+    def drop_level(self) -> None:
+        """Forget the current level's orders and inverse: the caller holds what it still reads
+        (the forward: the orders, not the inverse), and a later ``level()`` scatters again.
+        Kept levels (the backward's) stay."""
+        if not self.keep_levels:
+            self.kept = None
 
     def _scatter(self, first: int, count: int):
         rows, n = self.ranks.shape
@@ -419,6 +462,9 @@ class TorchSort:
 
     def level(self, level: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         return [(order[level], None if inv is None else inv[level]) for order, inv in self.sorted]
+
+    def drop_level(self) -> None:
+        """Nothing to drop level by level: every level was sorted at once (one allocation)."""
 
 
 _PLANES: dict = {}

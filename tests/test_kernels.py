@@ -286,6 +286,24 @@ def test_forward_without_lse(causal, change):
     assert none is None and lse is not None and torch.equal(out, alone)
 
 
+@pytest.mark.parametrize("num_projs", [3, 9], ids=["counting-sort", "torch-sort"])
+@pytest.mark.parametrize("causal", [False, True], ids=["one-level", "recursive"])
+def test_forward_releases_sorts(causal, num_projs):
+    """The forward lets each level's sort go once its orders are read (and every sort after
+    the last level): the same output, bit for bit, as a forward that keeps them all."""
+    from hyperpass.kernels import attention
+
+    q, k, v, _ = _inputs(1, 2, 1, 90, 90, 64, torch.float32)
+    cfg = SMALL.replace(lsh_num_projs=num_projs)
+    call = attention._setup(q, k, v, causal, None, cfg, backward=False)
+    levels = len(call.plan.levels)
+    assert levels == (2 if causal else 1)  # a recursion deep enough to release mid-way
+    kept, _ = attention._forward(call, release_sorts=False)
+    assert call.sorts  # nothing released
+    released, _ = kernels.hyper_attention_forward(q, k, v, is_causal=causal, scale=None, config=cfg)
+    assert torch.equal(released, kept)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "recursive"])
 def test_more_hyperplanes_than_counting_sort(causal):
     """Beyond 8 hyperplanes torch.sort orders the rows, and the samples' block ids come from
@@ -339,6 +357,22 @@ def test_counting_sort_matches_torch_sort(num_projs, chunk, edges):
         order = torch.stack([by_level[level][0] for level in range(levels)])
         inverse = torch.stack([by_level[level][1] for level in range(levels)])
         _check_sorted(x, planes, num_projs, edges, order, inverse)
+
+
+@pytest.mark.parametrize("scale", [0.5, -1.0])
+@pytest.mark.parametrize("dim,num_projs", [(64, 7), (80, 8), (16, 3)])
+def test_ranks_of_16bit_rows(dim, num_projs, scale):
+    """fp16/bf16 rows are projected by tensor-core dots on the planes split into two 16-bit
+    parts: the ranks of ``x * scale`` are still the reference's (a negative scale flips every
+    sign; head dims that are not a power of two pad the dot)."""
+    from hyperpass.kernels.hashing import CountingSort
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 3, 301, dim, generator=gen).to(torch.float16)
+    planes = lsh.hyperplanes(dim, num_projs, 2, "cpu")
+    ranks = CountingSort(((x, scale),), planes, None, chunk=64).ranks
+    expected = lsh.lsh_ranks(x.float() * scale, planes)
+    assert torch.equal(ranks.view(3, 301).long(), expected.view(3, 301))
 
 
 @pytest.mark.parametrize("keep_levels", [False, True])
