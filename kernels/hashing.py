@@ -380,7 +380,8 @@ class CountingSort:
         self.inverse_from = rows - batch * self.heads[-1]
         self.ranks = torch.empty(rows, n, dtype=torch.int16, device=x.device)
         sub = min(64, chunk)
-        dot = x.dtype in (torch.float16, torch.bfloat16)  # projections by tensor-core dots
+        # projections by tensor-core dots when both parts are 16-bit (fp32: row sums)
+        dot = x.dtype in (torch.float16, torch.bfloat16) and y.dtype == x.dtype
         _chunk_rank_kernel[(n_chunks * (chunk // sub), rows)](
             x, y, planes, self.ranks, self.chunks, *x.stride()[:3], *y.stride()[:3],
             x.shape[1], y.shape[1], rows_x, n, scale_x, scale_y,
