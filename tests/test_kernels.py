@@ -362,7 +362,7 @@ def test_counting_sort_matches_torch_sort(num_projs, chunk, edges):
 @pytest.mark.parametrize("scale", [0.5, -1.0])
 @pytest.mark.parametrize("dim,num_projs", [(64, 7), (80, 8), (16, 3)])
 def test_ranks_of_16bit_rows(dim, num_projs, scale):
-    """fp16/bf16 rows are projected by tensor-core dots on the planes split into two 16-bit
+    """fp16/bf16 rows are projected by tensor-core dots on the planes split into three 16-bit
     parts: the ranks of ``x * scale`` are still the reference's (a negative scale flips every
     sign; head dims that are not a power of two pad the dot)."""
     from hyperpass.kernels.hashing import CountingSort
