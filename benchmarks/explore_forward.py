@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels.common import FLOOR, _softmax_step, _store_out_lse
+from kernels.hashing import _gray_rank, _gray_rank_dot, _inverse_gray
 
 
 @triton.jit
@@ -457,42 +458,30 @@ def _xrank_kernel(
     SUB: tl.constexpr, DOT: tl.constexpr, ITERS: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Gray-code ranks of ITERS x SUB rows of a contiguous [H, n, D] tensor. DOT 0: R row
-    reductions in fp32; 1: one tl.dot (3xTF32); 2: two tensor-core dots of the 16-bit rows with
-    the planes split into a 16-bit high and low part (fp32 accumulation); 3: three parts."""
+    reductions in fp32 and 3: three-part planes by tensor-core dots (both the production
+    kernel's own functions); 1: one tl.dot (3xTF32); 2: two tensor-core dots of the 16-bit rows
+    with the planes split into a 16-bit high and low part (fp32 accumulation)."""
     h = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, D)
     r = tl.arange(0, RP)
     for it in tl.range(ITERS, num_stages=STAGES):
         rows = (tl.program_id(0) * ITERS + it) * SUB + tl.arange(0, SUB)
         x = tl.load(X + h * n * D + rows[:, None].to(tl.int64) * D + cols[None, :])
-        if DOT == 2:
-            offs = cols[:, None] * RP + r[None, :]
-            proj = tl.dot(x, tl.load(PLANES + offs))
-            proj = tl.dot(x, tl.load(PLANES_LO + offs), acc=proj)
-            code = tl.sum(((proj > 0) & (r < R)[None, :]).to(tl.int32) << r[None, :], axis=1)
-        elif DOT == 3:  # the production split: three parts, from the fp32 planes in-kernel
-            planes = tl.load(PLANES + cols[:, None] * R + r[None, :], mask=r[None, :] < R,
-                             other=0.0)  # fmt: skip
-            high = planes.to(x.dtype)
-            rest = planes - high.to(tl.float32)
-            middle = rest.to(x.dtype)
-            low = (rest - middle.to(tl.float32)).to(x.dtype)
-            proj = tl.dot(x, high, acc=tl.dot(x, middle, acc=tl.dot(x, low)))
-            code = tl.sum(((proj > 0) & (r < R)[None, :]).to(tl.int32) << r[None, :], axis=1)
-        elif DOT == 1:
-            planes = tl.load(PLANES + cols[:, None] * R + r[None, :], mask=r[None, :] < R,
-                             other=0.0)  # fmt: skip
-            proj = tl.dot(x.to(tl.float32), planes, input_precision="tf32x3")
-            code = tl.sum(((proj > 0) & (r < R)[None, :]).to(tl.int32) << r[None, :], axis=1)
+        if DOT == 3:  # the production kernel's projections (three-part planes)
+            rank = _gray_rank_dot(x, PLANES, cols, 1.0, D, R, 3)
+        elif DOT == 0:  # the production kernel's fp32 row sums
+            rank = _gray_rank(x.to(tl.float32), PLANES, cols, D, R, 3)
         else:
-            xf = x.to(tl.float32)
-            code = tl.zeros([SUB], dtype=tl.int32)
-            for i in tl.static_range(R):
-                plane = tl.load(PLANES + cols * R + i)
-                code += (tl.sum(xf * plane[None, :], axis=1) > 0).to(tl.int32) << i
-        rank = code
-        for s in tl.static_range(3):  # R <= 8
-            rank = rank ^ (rank >> (1 << s))
+            if DOT == 2:
+                offs = cols[:, None] * RP + r[None, :]
+                proj = tl.dot(x, tl.load(PLANES + offs))
+                proj = tl.dot(x, tl.load(PLANES_LO + offs), acc=proj)
+            else:
+                planes = tl.load(PLANES + cols[:, None] * R + r[None, :], mask=r[None, :] < R,
+                                 other=0.0)  # fmt: skip
+                proj = tl.dot(x.to(tl.float32), planes, input_precision="tf32x3")
+            code = tl.sum(((proj > 0) & (r < R)[None, :]).to(tl.int32) << r[None, :], axis=1)
+            rank = _inverse_gray(code, 3)  # R <= 8
         tl.store(RANK + h * n + rows, rank.to(tl.int16))
 
 
@@ -508,7 +497,8 @@ RANK_VARIANTS = [
 def rank_variants(q, k, v, cfg) -> dict:
     """The rank kernel's share of the forward (~0.2 ms for Q and K at 131072, H100 and H200
     alike: not bound by memory bandwidth): row tiles, warps, pipelined loops over several
-    tiles, and projections by tensor-core dots; ranks compared with the production kernel's."""
+    tiles, and projections by tensor-core dots; ranks compared with the fp32 row sums' (the
+    first variant), as are the production kernel's."""
     from kernels import attention as A
     from kernels import hashing as HS
 
@@ -516,7 +506,7 @@ def rank_variants(q, k, v, cfg) -> dict:
     call = A._setup(q, k, v, False, None, cfg, backward=False)
     planes = _planes(cfg, dim)
     prod = HS.CountingSort(((k, 1.0),), planes, call.plan.edges)
-    res_prod = prod.ranks.view(heads, n)
+    prod_ranks = prod.ranks.view(heads, n)
     expected = None  # the fp32 row sums' ranks (the first DOT == 0 variant)
     padded = torch.zeros(dim, 16, device="cuda")
     padded[:, : planes.shape[1]] = planes
@@ -540,7 +530,7 @@ def rank_variants(q, k, v, cfg) -> dict:
             torch.cuda.synchronize()
             if expected is None and dot == 0:
                 expected = out.clone()
-                var["production_vs_row_sums"] = int((res_prod != expected).sum().item())
+                var["production_vs_row_sums"] = int((prod_ranks != expected).sum().item())
             if expected is not None:
                 var["mismatches_vs_row_sums"] = int((out != expected).sum().item())
             var["ms"] = _bench(launch)
