@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import hyperpass  # noqa: E402
-from benchmarks.bench_attention import back_to_back, timed  # noqa: E402
-from hyperpass.config import PAPER  # noqa: E402
+import hyperpass
+from benchmarks.bench_attention import back_to_back, timed
+from hyperpass.config import PAPER
 
 PAPER_PARAMS = {"method": PAPER.method, "sample_size": PAPER.sample_size, "window": 0, "sinks": 0}
 

@@ -32,22 +32,17 @@ import contextlib
 import json
 import math
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import quality_configs
+import quality_texts
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import quality_configs  # noqa: E402
-import quality_texts  # noqa: E402
-
-from hyperpass.config import DEFAULT, HyperConfig  # noqa: E402
-from hyperpass.reference import exact_attention, hyper_attention_reference  # noqa: E402
+from hyperpass.config import DEFAULT, HyperConfig
+from hyperpass.reference import exact_attention, hyper_attention_reference
 
 N_TOKENS = 8192
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -82,7 +77,7 @@ class Router:
 
     Attributes:
         layers: indices of the rewritten layers (empty: exact everywhere).
-        params: the configuration's fields (a :class:`HyperConfig` override) or a prototype.
+        params: the configuration's fields (a :class:`HyperConfig` override).
         impl: "op" (``hyperpass.hyper_attention``) or "reference" (the reference directly:
             the same function, without the op's CUDA kernels).
         capture: when a list, receives (layer, q, k, v) of every call.
@@ -133,16 +128,16 @@ class Router:
                 scale=scale, enable_gqa=enable_gqa,
             )  # fmt: skip
         self.calls["approximated"] += 1
-        return approximate(q, k, v, scale, self.params, self.impl)
+        F.scaled_dot_product_attention = self._original  # the op's own exact calls stay exact
+        try:
+            return approximate(q, k, v, scale, self.params, self.impl)
+        finally:
+            F.scaled_dot_product_attention = self
 
 
 def approximate(q, k, v, scale, params: dict, impl: str):
     """Causal attention of q [B, Hq, N, D] over k, v [B, Hkv, N, D] by one configuration."""
-    if "proto" in params:
-        import quality_proto
-
-        return quality_proto.attention(q, k, v, scale, params)[0]
-    cfg = DEFAULT.replace(**params)
+    cfg = DEFAULT.replace(**{"min_len": 1, **params})  # approximate at every length
     if impl == "reference":
         return hyper_attention_reference(q, k, v, is_causal=True, scale=scale, config=cfg)[0]
     import hyperpass
@@ -153,11 +148,7 @@ def approximate(q, k, v, scale, params: dict, impl: str):
 
 
 def approximate_with_lse(q, k, v, scale, params: dict):
-    if "proto" in params:
-        import quality_proto
-
-        return quality_proto.attention(q, k, v, scale, params)
-    cfg = DEFAULT.replace(**params)
+    cfg = DEFAULT.replace(**{"min_len": 1, **params})  # approximate at every length
     return hyper_attention_reference(q, k, v, is_causal=True, scale=scale, config=cfg)
 
 
@@ -223,28 +214,28 @@ def keys_per_query(params: dict | None, n: int) -> float:
     """
     if params is None:
         return (n + 1) / 2
-    if "proto" in params:
-        import quality_proto
-
-        return quality_proto.keys_per_query(params, n)
-    cfg = DEFAULT.replace(**params)
-    if cfg.method == "select":  # the op's method="select" is the prototype's per-head "max" variant
-        import quality_proto
-
-        proto = {
-            "window": cfg.window,
-            "sinks": cfg.sinks,
-            "block": cfg.select_block,
-            "qblock": cfg.query_block,
-            "topk": cfg.select_topk,
-            "agg": "max",
-            "samples": cfg.sample_size,
-        }
-        return quality_proto.keys_per_query(proto, n)
+    cfg = DEFAULT.replace(**{"min_len": 1, **params})  # approximate at every length
+    if cfg.method == "select":
+        return _select_work(cfg, n)
     if cfg.method == "hyper" and cfg.causal_algo == "recursive":
         return _recursive_work(cfg, n, 0) / n
     q_pos = np.arange(n)
     return float(_exact_set_size(cfg, q_pos, 0, n, flat=True).mean() + _random_work(cfg, n))
+
+
+def _select_work(cfg: HyperConfig, n: int) -> float:
+    """``method="select"``, causal: local span up to the query, sinks outside it, and up to
+    ``select_topk`` whole candidate blocks (those wholly before the span, not wholly sinks)."""
+    q_pos = np.arange(n)
+    start = (q_pos // cfg.query_block) * cfg.query_block
+    lo = (
+        np.maximum(start + cfg.query_block - cfg.window, 0) // cfg.select_block
+    ) * cfg.select_block
+    local = q_pos - lo + 1
+    sinks = np.minimum(cfg.sinks, lo)
+    candidates = np.maximum(lo // cfg.select_block - cfg.sinks // cfg.select_block, 0)
+    selected = np.minimum(candidates, cfg.select_topk) * cfg.select_block
+    return float((local + sinks + selected).mean())
 
 
 def _exact_set_size(cfg: HyperConfig, q_pos: np.ndarray, k_lo: int, k_hi: int, flat: bool):
@@ -497,8 +488,8 @@ _CAP = 20.0  # % above exact: rows beyond are drawn at the cap, marked with thei
 
 
 def _family(name: str) -> tuple[str, str]:
-    if name.startswith("sel_"):
-        return "C0", "prototype: blocks picked by score bound"
+    if name.startswith("select"):
+        return "C0", "op: blocks selected by a score bound"
     if name.startswith(("local", "dilated")):
         return "C1", "op: fixed patterns (local, longformer, dilated)"
     return "C2", "op: HyperAttention (sortLSH, samples; flat or recursive)"

@@ -2,7 +2,7 @@
 
 A name is a base configuration, optionally followed by ``@lastN`` (only the last N layers
 rewritten; the others exact). ``params`` overrides fields of :class:`hyperpass.config.HyperConfig`
-(``None``: exact attention), or names a prototype of ``quality_proto`` (key ``"proto"``).
+(``None``: exact attention).
 """
 
 from __future__ import annotations
@@ -39,53 +39,15 @@ BASE: dict[str, dict | None] = {
     "rec1024_w1024_s16": {"min_seq_len": 1024, "window": 1024, "sinks": 16, "sample_size": 0},
 }  # fmt: skip
 
-# the op's method="select" (hyperpass/block_select.py), folded in from the prototype below
-_SELECT = {
-    "method": "select",
-    "window": 512,
-    "sinks": 16,
-    "select_topk": 16,
-    "select_block": 64,
-    "query_block": 16,
-    "sample_size": 0,
-}
-BASE["select_w512_k16_q16"] = _SELECT
-BASE["select_w1024_k8_q16"] = {**_SELECT, "window": 1024, "select_topk": 8}
-
-# prototype (benchmarks/quality_proto.py): exact blocks picked by a score bound
-_SEL = {"proto": "blocksel", "window": 1024, "sinks": 16, "block": 64, "qblock": 64, "topk": 8}
-BASE.update(
-    {
-        "sel_w1024_k8": _SEL,
-        "sel_w1024_k4": {**_SEL, "topk": 4},
-        "sel_w1024_k16": {**_SEL, "topk": 16},
-        "sel_w1024_k8_mean": {**_SEL, "agg": "mean"},
-        "sel_w1024_k8_gqa": {**_SEL, "share_gqa": True},
-        "sel_w1024_k8_m256": {**_SEL, "samples": 256},
-        "sel_w512_k16": {**_SEL, "window": 512, "topk": 16},
-        "sel_w512_k8": {**_SEL, "window": 512},
-        "sel_w2048_k8": {**_SEL, "window": 2048},
-        "sel_w1024_k4_b128": {**_SEL, "topk": 4, "block": 128},
-        "sel_w1024_k16_b32": {**_SEL, "topk": 16, "block": 32},
-        "sel_w1024_k8_q128_gqa_mean": {**_SEL, "qblock": 128, "share_gqa": True, "agg": "mean"},
-        "sel_w512_k16_mean": {**_SEL, "window": 512, "topk": 16, "agg": "mean"},
-        "sel_w512_k8_mean": {**_SEL, "window": 512, "agg": "mean"},
-        "sel_w256_k16_mean": {**_SEL, "window": 256, "topk": 16, "agg": "mean"},
-        "sel_w1024_k8_mean_gqa": {**_SEL, "agg": "mean", "share_gqa": True},
-        "sel_w1024_k4_b128_mean_gqa": {
-            **_SEL,
-            "topk": 4,
-            "block": 128,
-            "agg": "mean",
-            "share_gqa": True,
-        },
-        "sel_w1024_s0_k8_mean": {**_SEL, "sinks": 0, "agg": "mean"},
-        "sel_w1024_k16_mean_gqa": {**_SEL, "topk": 16, "agg": "mean", "share_gqa": True},
-        "sel_w512_k16_q16": {**_SEL, "window": 512, "topk": 16, "qblock": 16},
-        "sel_w512_k16_q1": {**_SEL, "window": 512, "topk": 16, "qblock": 1},
-        "sel_w1024_k8_q1": {**_SEL, "qblock": 1},
-    }
-)
+# the block-sparse select (query tiles of 128, key blocks of 128, FlexAttention on GPUs)
+_BLOCKS = {"method": "select", "window": 512, "sinks": 16, "select_block": 128,
+           "query_block": 128, "query_groups": 8, "select_topk": 8}  # fmt: skip
+BASE["select_w512_k8"] = _BLOCKS
+BASE["select_w1024_k8"] = {**_BLOCKS, "window": 1024}
+BASE["select_w512_k12"] = {**_BLOCKS, "select_topk": 12}
+BASE["select_w512_k16_g16"] = {**_BLOCKS, "select_topk": 16, "query_groups": 16}
+BASE["select_w512_m90"] = {**_BLOCKS, "select_topk": 16, "select_mass": 0.9, "select_min": 2}
+BASE["select_w512_m95"] = {**_BLOCKS, "select_topk": 24, "select_mass": 0.95, "select_min": 4}
 
 
 def names() -> list[str]:

@@ -20,21 +20,16 @@ import argparse
 import json
 import math
 import platform
-import sys
 import time
 from pathlib import Path
 
+import quality
+import quality_texts
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import quality  # noqa: E402
-import quality_texts  # noqa: E402
-
-import hyperpass  # noqa: E402
-from hyperpass.config import field_types  # noqa: E402
+import hyperpass
+from hyperpass.config import field_types
 
 N_LAYERS = 30
 

@@ -1,8 +1,9 @@
-"""``python -m hyperpass run [options] script.py [args...]``: see :mod:`hyperpass.cli`."""
+"""``python -m hyperpass run [options] script.py [args...]``: see
+:mod:`hyperpass.integrations.cli`."""
 
 import sys
 
-from hyperpass.cli import main
+from hyperpass.integrations.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

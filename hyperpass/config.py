@@ -25,14 +25,16 @@ class HyperConfig:
 
     Attributes are documented in their ``metadata["doc"]``; ``docs/algorithm.md`` explains the
     trade-offs. The defaults are the configuration measured best in ``docs/quality.md``:
-    ``method="select"`` (window 512, 16 sinks, 16 selected blocks of 64 keys per 16 queries, no
-    samples). The paper's algorithm is ``method="hyper"`` (for the published configuration also
-    ``sample_size=256, window=0, sinks=0``: see ``PAPER``).
+    ``method="select"``, exact key blocks chosen per query tile by a score bound, plus a window
+    and sink tokens. The paper's algorithm is ``method="hyper"`` (for the published
+    configuration also ``sample_size=256, window=0, sinks=0``: see ``PAPER``).
     """
 
     min_len: int = _param(
-        4096, 1, 2**31 - 1, "shortest sequence that is approximated; shorter is exact"
-    )
+        0, 0, 2**31 - 1,
+        "shortest sequence that is approximated; shorter is exact (0: where the method is "
+        "measured faster than exact attention on the device; never on a CPU)",
+    )  # fmt: skip
     block_size: int = _param(256, 16, 65536, "keys per sortLSH block (exact part), multiple of 16")
     sample_size: int = _param(0, 0, 65536, "uniformly sampled keys per query block (0: none)")
     lsh_num_projs: int = _param(7, 1, 16, "random hyperplanes of sortLSH (2^r buckets)")
@@ -46,9 +48,20 @@ class HyperConfig:
     window: int = _param(512, 0, 2**31 - 1, "keys within this distance are exact (0: none)")
     dilation: int = _param(1, 1, 65536, "pattern keys are every dilation-th within the window")
     sinks: int = _param(16, 0, 65536, "the first sinks keys are exact for every query")
-    select_topk: int = _param(16, 1, 4096, "method='select': key blocks picked per query block")
-    select_block: int = _param(64, 16, 4096, "method='select': keys per selectable block")
-    query_block: int = _param(16, 16, 4096, "method='select': queries sharing one selection")
+    select_topk: int = _param(
+        8, 1, 65536, "method='select': key blocks selected per query tile (at most, adaptive)"
+    )
+    select_block: int = _param(128, 16, 4096, "method='select': keys per key block")
+    query_block: int = _param(128, 16, 4096, "method='select': queries per tile (one selection)")
+    query_groups: int = _param(
+        8, 1, 4096, "method='select': mean-pooled row groups per tile whose bounds rank blocks"
+    )
+    select_mass: float = _param(
+        0.0, 0.0, 1.0,
+        "method='select': 0: select_topk blocks; else the fewest whose estimated attention "
+        "mass, with the window's and sinks', reaches this share (select_min..select_topk)",
+    )  # fmt: skip
+    select_min: int = _param(0, 0, 65536, "method='select': fewest blocks selected (adaptive)")
     causal_algo: str = _param(
         "recursive",
         None,
@@ -59,6 +72,9 @@ class HyperConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if type(f.default) is float and type(value) is int:
+                object.__setattr__(self, f.name, float(value))  # select_mass=1 means 1.0
             _check(f, getattr(self, f.name))
         if self.block_size % 16:
             raise ValueError(f"block_size must be a multiple of 16, got {self.block_size}")
@@ -72,15 +88,25 @@ class HyperConfig:
                     "select_block and query_block must be multiples of 16, got "
                     f"{self.select_block} and {self.query_block}"
                 )
-            if self.select_block % self.query_block:
+            if self.query_block % self.query_groups:
                 raise ValueError(
-                    f"query_block ({self.query_block}) must divide select_block "
-                    f"({self.select_block})"
+                    f"query_groups ({self.query_groups}) must divide query_block "
+                    f"({self.query_block})"
                 )
             if self.window < self.query_block:
                 raise ValueError(
                     f"method='select' needs window >= query_block ({self.query_block}), "
                     f"got window={self.window}"
+                )
+            if self.sample_size:
+                raise ValueError(
+                    f"sample_size applies to method='hyper'; method='select' takes none, got "
+                    f"sample_size={self.sample_size}"
+                )
+            if self.select_min > self.select_topk:
+                raise ValueError(
+                    f"select_min ({self.select_min}) must not exceed select_topk "
+                    f"({self.select_topk})"
                 )
         if self.method == "dilated" and self.dilation < 2:
             raise ValueError(f"method='dilated' needs dilation >= 2, got dilation={self.dilation}")
@@ -96,7 +122,13 @@ class HyperConfig:
 
     @property
     def uses_samples(self) -> bool:
-        return self.method in ("hyper", "select") and self.sample_size > 0
+        return self.method == "hyper" and self.sample_size > 0
+
+    @property
+    def block_sparse(self) -> bool:
+        """The method is exact attention over key blocks (select and the patterns), which the
+        GPU runs through a block-sparse kernel; ``hyper`` is not."""
+        return self.method != "hyper"
 
     def replace(self, **changes) -> HyperConfig:
         unknown = set(changes) - set(field_names())
@@ -117,9 +149,11 @@ def _check(f: dataclasses.Field, value) -> None:
         if value not in meta["choices"]:
             raise ValueError(f"{f.name} must be one of {meta['choices']}, got {value!r}")
         return
-    if isinstance(value, bool) or not isinstance(value, int):
+    kind = type(f.default)
+    if isinstance(value, bool) or not isinstance(value, kind):
         raise ValueError(
-            f"{f.name} must be an int in [{meta['low']}, {meta['high']}], got {value!r}"
+            f"{f.name} must be {'a float' if kind is float else 'an int'} in "
+            f"[{meta['low']}, {meta['high']}], got {value!r}"
         )
     if not meta["low"] <= value <= meta["high"]:
         raise ValueError(f"{f.name} must be in [{meta['low']}, {meta['high']}], got {value}")

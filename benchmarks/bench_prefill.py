@@ -1,0 +1,110 @@
+"""End to end: prefill of a Llama-3.1-8B-shaped model (random weights) through the backend,
+against eager Hugging Face and plain ``torch.compile`` (needs CUDA and transformers).
+
+The model: ``LlamaForCausalLM`` with Llama-3.1-8B's shapes (hidden 4096, 32 query / 8 KV heads,
+head dim 128, MLP 14336, vocabulary 128256) and ``--layers`` decoder layers, bf16,
+``attn_implementation="sdpa"``; one sequence of ``n`` random tokens, ``use_cache=False``, no
+gradients. Rows: ``eager`` (the model as is), ``compile`` (``torch.compile(model)``),
+``hyperpass`` (``torch.compile(model, backend=hyperpass.backend())``: the defaults, the measured
+break-even included). Each: median wall time of the forward over a few calls after warm-up,
+peak memory, and the backend's rewritten-site count.
+
+    python benchmarks/bench_prefill.py --out $OUT/prefill.json [--lengths 32768 131072]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+
+def build(layers: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, num_hidden_layers=layers, vocab_size=128256,
+        max_position_embeddings=131072, rope_theta=500000.0,
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    return model
+
+
+def timed(fn, calls: int) -> float:
+    import torch
+
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--lengths", nargs="+", type=int, default=[32768, 131072])
+    parser.add_argument("--rows", default="eager,compile,hyperpass")
+    parser.add_argument("--calls", type=int, default=3)
+    args = parser.parse_args()
+
+    import torch
+
+    import hyperpass
+
+    model = build(args.layers)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "layers": args.layers, "rows": []}  # fmt: skip
+    for n in args.lengths:
+        ids = torch.randint(0, 128256, (1, n), device="cuda")
+        for name in args.rows.split(","):
+            row = {"n": n, "impl": name}
+            try:
+                backend = hyperpass.backend() if name == "hyperpass" else None
+                if name == "eager":
+                    fn = model
+                elif name == "compile":
+                    fn = torch.compile(model, dynamic=False)
+                else:
+                    fn = torch.compile(model, backend=backend, dynamic=False)
+                with torch.no_grad():
+                    start = time.perf_counter()
+                    fn(ids, use_cache=False)  # compile / warm up
+                    torch.cuda.synchronize()
+                    row["first_call_s"] = round(time.perf_counter() - start, 1)
+                    torch.cuda.reset_peak_memory_stats()
+                    call = lambda fn=fn, ids=ids: fn(ids, use_cache=False)  # noqa: E731
+                    row["ms"] = round(timed(call, args.calls), 1)
+                    row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                if backend is not None:
+                    row["rewritten"] = sum(r.rewritten for r in backend.reports)
+                    row["sites"] = len(backend.reports)
+                    row["exact_reasons"] = sorted({r.reason for r in backend.reports
+                                                   if not r.rewritten})  # fmt: skip
+            except Exception as err:  # noqa: BLE001 - record and go on
+                row["error"] = f"{type(err).__name__}: {str(err)[:400]}"
+            base = next((r for r in result["rows"] if r["n"] == n and r["impl"] == "eager"), None)
+            if base and "ms" in row and "ms" in base:
+                row["speedup_vs_eager"] = round(base["ms"] / row["ms"], 2)
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(result, f, indent=1)
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Hugging Face transformers: an attention implementation named ``"hyperpass"``.
+
+:func:`register_hf` adds an attention function to transformers' ``AttentionInterface`` and the
+matching mask function to ``AttentionMaskInterface`` (without one, transformers builds no mask at
+all for an unknown implementation and padding would be dropped). Then
+``from_pretrained(..., attn_implementation="hyperpass")`` and
+``model.set_attn_implementation("hyperpass")`` work for any model that supports the interface.
+
+Masks: the mask function is transformers' SDPA one, which also skips a plain causal mask while
+tracing. It returns no mask for a plain causal layer (no padding, or all-ones padding in eager
+mode), so the layer reaches the op with
+``attn_mask=None, is_causal=True`` and is approximated; any real padding, sliding-window or custom
+mask is materialized and that call computes exact SDPA, as ``"sdpa"`` would. Decode steps (one
+query over a long cache) are exact. Under ``torch.compile``, transformers cannot read the values of
+a 2-D ``attention_mask`` while tracing, so pass ``attention_mask=None`` for unpadded batches.
+
+Imports transformers when :func:`register_hf` runs, never at ``import hyperpass``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from hyperpass import config as _config
+from hyperpass.config import HyperConfig
+from hyperpass.integrations.patching import RoutingReport, note_call
+from hyperpass.op import hyper_attention_op, op_args
+from hyperpass.op.eligibility import skip_reason_words
+from hyperpass.selection import check_exclusive, check_last_n_layers
+
+log = logging.getLogger("hyperpass")
+
+# name -> report of the attention function registered under that name
+_REPORTS: dict[str, RoutingReport] = {}
+
+
+def _select_layer(module, layers: frozenset[int] | None, last_n_layers: int | None) -> bool:
+    idx = getattr(module, "layer_idx", None)
+    if layers is None and last_n_layers is None:
+        return True
+    if idx is None:
+        return False
+    if layers is not None:
+        return idx in layers
+    n_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+    return n_layers is not None and idx >= n_layers - last_n_layers
+
+
+def _make_attention(config: HyperConfig, report: RoutingReport, layers, last_n_layers):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def hyperpass_attention_forward(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        is_causal: bool | None = None,
+        **kwargs,
+    ):
+        """transformers' attention signature: q [B, H, Nq, D], k/v [B, Hkv, Nk, D] in,
+        ([B, Nq, H, Dv], None) out."""
+        site = f"layer {getattr(module, 'layer_idx', type(module).__name__)}"
+        exact_reason = None
+        if attention_mask is not None:
+            exact_reason = "attention mask (padding, window or custom pattern)"
+        elif dropout > 0.0:
+            exact_reason = "dropout"
+        elif kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
+            exact_reason = "position bias or softcap"
+        elif kwargs.get("cache") is not None:
+            exact_reason = "paged cache"
+        elif not _select_layer(module, layers, last_n_layers):
+            exact_reason = "layer not selected"
+        if exact_reason is not None:
+            note_call(report, site, lambda: exact_reason, exact_reason)
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+            )
+
+        q_len = query.shape[2]
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        causal = q_len > 1 and causal  # one query attends to the whole cache: not causal
+        if causal and key.shape[2] > q_len:
+            # Prefill into an empty static cache: the keys past the queries are empty slots.
+            key, value = key[:, :, :q_len], value[:, :, :q_len]
+        gqa = query.shape[1] != key.shape[1]
+        if torch.compiler.is_compiling():
+            note_call(report, site, lambda: None)
+        else:  # eager: an exact call skips the op's dispatch
+            reason = skip_reason_words(query, key, value, None, 0.0, causal, gqa, config)
+            note_call(report, site, lambda: reason)
+            if reason is not None:
+                return sdpa_attention_forward(
+                    module, query, key, value, None, dropout, scaling, causal, **kwargs
+                )
+        out = hyper_attention_op(
+            *op_args(
+                query, key, value, is_causal=causal, scale=scaling, enable_gqa=gqa, config=config
+            )
+        )
+        return out.transpose(1, 2).contiguous(), None
+
+    return hyperpass_attention_forward
+
+
+def _make_mask(sdpa_mask):
+    """transformers' SDPA mask function, that also skips plain causal masks under compile.
+
+    transformers skips the mask (so that SDPA gets ``is_causal``) only when it is not tracing on
+    torch < 2.14 (it cannot tell compile from export there). Without a padding mask, whether the
+    mask is plain causal depends on shapes alone, which Dynamo guards on: skip it then as well.
+    """
+    signature = inspect.signature(sdpa_mask)
+
+    def hyperpass_mask(*args, **kwargs):
+        a = signature.bind(*args, **kwargs).arguments
+        plain_causal = (
+            a.get("allow_is_causal_skip", True)
+            and a.get("attention_mask") is None
+            and (a.get("local_size") is None or a["kv_length"] < a["local_size"])
+            and (a["q_length"] == 1 or a["q_length"] == a["kv_length"])
+        )
+        return None if plain_causal else sdpa_mask(*args, **kwargs)
+
+    return hyperpass_mask
+
+
+def register_hf(
+    name: str = "hyperpass",
+    min_len: int | None = None,
+    *,
+    layer_indices: Sequence[int] | None = None,
+    last_n_layers: int | None = None,
+    layers: None = None,
+    **params,
+) -> str:
+    """Register the attention implementation ``name`` with transformers; returns ``name``.
+
+    Registering the same name again replaces its settings (models pick the function up at their
+    next forward). Register other names for other settings (``register_hf("hyperpass-8k",
+    min_len=8192)``).
+
+    Args:
+        name: the ``attn_implementation`` string.
+        min_len: shortest sequence that is approximated; None: the :class:`HyperConfig` default.
+        layer_indices: indices (``module.layer_idx``) of the layers to approximate; others
+            stay exact.
+        last_n_layers: approximate only the last N layers (``config.num_hidden_layers`` - N
+            on), N >= 1, as ``last_n_layers`` everywhere (``hyperpass.selection``).
+        layers: not taken here (a TypeError says to use ``layer_indices``).
+        **params: :class:`HyperConfig` fields.
+
+    Raises:
+        ImportError: transformers is not installed.
+        ValueError / TypeError: a bad parameter or selector (the message names it).
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if not isinstance(name, str) or not name or name in ("eager", "sdpa"):
+        raise ValueError(f"name must be a new attention implementation name, got {name!r}")
+    if layers is not None:
+        raise TypeError(
+            "register_hf selects layers by index: layer_indices=[...] (transformers' attention "
+            "functions see no module path); layers= patterns are for backend() and patch()"
+        )
+    check_exclusive(layer_indices, last_n_layers)
+    last_n_layers = check_last_n_layers(last_n_layers)
+    if layer_indices is not None:
+        if isinstance(layer_indices, str | bytes) or not all(
+            isinstance(i, int) for i in layer_indices
+        ):
+            raise TypeError(
+                f"layer_indices must be a sequence of layer indices, got {layer_indices!r}"
+            )
+        layer_indices = frozenset(layer_indices)
+    fields = {"min_len": min_len} if min_len is not None else {}
+    config = _config.DEFAULT.replace(**fields, **params)
+
+    report = _REPORTS.setdefault(name, RoutingReport(f"transformers attn_implementation={name!r}"))
+    AttentionInterface.register(name, _make_attention(config, report, layer_indices, last_n_layers))
+    AttentionMaskInterface.register(name, _make_mask(sdpa_mask))
+    log.debug("registered attn_implementation=%r with %s", name, config)
+    return name
+
+
+def report(name: str = "hyperpass") -> RoutingReport:
+    """The routing report of the attention implementation ``name``.
+
+    Raises:
+        ValueError: ``name`` was never registered by :func:`register_hf`.
+    """
+    if name not in _REPORTS:
+        raise ValueError(f"attention implementation {name!r} is not registered by register_hf")
+    return _REPORTS[name]
+
+
+def reports() -> list[RoutingReport]:
+    return list(_REPORTS.values())

@@ -1,0 +1,199 @@
+"""Block-sparse exact attention through PyTorch's FlexAttention: the engine of the block methods.
+
+``method="select"`` gives each query tile its key blocks (``select_blocks.py``); the patterns
+(``local``, ``dilated``, ``longformer``) give every head the same blocks, cached per shape. Both
+run one compiled ``flex_attention`` call over a ``BlockMask`` (``BlockMask.from_kv_blocks``):
+*full* blocks without a mask, *partial* blocks through a ``mask_mod`` (the causal diagonal, a
+window's edge, a dilation). FlexAttention's kernels are PyTorch's own (Triton templates chosen
+per GPU, forward and backward); measured against this project's own kernels in
+``docs/performance.md``.
+
+With gradients enabled (the op's backward recomputes its forward under autograd) the mask also
+gets its query-major lists, which FlexAttention's backward reads. Must not import the op or the
+compiler.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import Tensor
+
+from hyperpass.config import HyperConfig
+from hyperpass.kernels.host import cdiv
+
+log = logging.getLogger("hyperpass")
+
+PATTERN_BLOCK = 128  # query and key tile of the pattern masks (FlexAttention's default)
+
+
+def available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _compiled(dynamic: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # fullgraph: past Dynamo's recompile limit, a call raises instead of running FlexAttention
+    # uncompiled, which evaluates mask_mod densely and reads no block list (a wrong answer here)
+    return torch.compile(flex_attention, dynamic=dynamic, fullgraph=True)
+
+
+_RECOMPILE_LIMIT = 64  # masks and shape families one process may compile FlexAttention for
+_LIMIT_HIT = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", RuntimeError)
+
+
+def _flex(q, k, v, block_mask, scale, gqa: bool, kernel_options, dynamic: bool):
+    kw = dict(block_mask=block_mask, scale=scale, enable_gqa=gqa, kernel_options=kernel_options)
+    # uncompiled, FlexAttention reads no block list (it evaluates mask_mod densely): always
+    # compile, on a CPU too (the tests). Select's masks take no constant: on CUDA one compile
+    # serves every length; patterns and CPUs (whose lowering takes static shapes only) compile
+    # per shape family (Dynamo's automatic dynamic shapes)
+    try:
+        with torch._dynamo.config.patch(
+            recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=8 * _RECOMPILE_LIMIT
+        ):
+            return _compiled(q.is_cuda and dynamic)(q, k, v, **kw)
+    except _LIMIT_HIT:
+        log.warning(
+            "hyperpass: FlexAttention was compiled for more than %d masks and shapes in this "
+            "process; this call runs the reference implementation (correct, slower)",
+            _RECOMPILE_LIMIT,
+        )
+        return None
+
+
+# ----------------------------------------------------------------------------- mask mods
+@functools.cache
+def causal_mod():
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    return causal
+
+
+@functools.cache
+def no_mask_mod():
+    """Non-causal select has no partial block; FlexAttention still traces a mask_mod (its own
+    default fails under fake tensors on torch 2.13)."""
+
+    def everything(b, h, q_idx, kv_idx):
+        return kv_idx >= 0
+
+    return everything
+
+
+@functools.cache
+def pattern_mod(window: int, dilation: int, sinks: int, causal: bool):
+    """The reference's window/dilation/sinks predicate (``positions.in_window`` plus sinks)."""
+
+    def pattern(b, h, q_idx, kv_idx):
+        d = q_idx - kv_idx
+        near = (d >= 0) & (d < window) if causal else (d < window) & (d > -window)
+        if dilation > 1:
+            near = near & (d % dilation == 0)
+        sink = kv_idx < sinks
+        if causal:
+            sink = sink & (d >= 0)
+        return near | sink
+
+    return pattern
+
+
+# ----------------------------------------------------------------------------- block masks
+def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
+    """(counts, ascending ids) of the True entries of ``dense`` [..., rows, cols], int32."""
+    counts = dense.sum(-1, dtype=torch.int32)
+    cols = torch.arange(dense.shape[-1], device=dense.device, dtype=torch.int32)
+    key = torch.where(dense, cols, dense.shape[-1] + cols)  # True ids first, in order
+    return counts, key.argsort(-1).to(torch.int32)
+
+
+def block_mask_from_lists(part_num, part_idx, full_num, full_idx, nq, nk, qb, kb, mask_mod,
+                          backward: bool):  # fmt: skip
+    """A BlockMask of per-tile lists ([B, H, n_tiles, n_blocks] int32, ids up to the counts);
+    ``backward`` adds the query-major lists FlexAttention's backward reads."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return BlockMask.from_kv_blocks(
+        part_num, part_idx, full_num, full_idx, BLOCK_SIZE=(qb, kb), mask_mod=mask_mod,
+        seq_lengths=(nq, nk), compute_q_blocks=backward,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=32)
+def pattern_block_mask(nq: int, nk: int, window: int, dilation: int, sinks: int, causal: bool,
+                       device: torch.device):  # fmt: skip
+    """The BlockMask of a window/dilation/sinks pattern (one for every batch row and head),
+    from each tile/block pair's range of query-key distances."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b = PATTERN_BLOCK
+    r0 = torch.arange(cdiv(nq, b), device=device)[:, None] * b  # first row of each tile
+    r1 = (r0 + b).clamp(max=nq) - 1
+    c0 = torch.arange(cdiv(nk, b), device=device)[None, :] * b  # first key of each block
+    c1 = (c0 + b).clamp(max=nk) - 1
+    d_min, d_max = r0 - c1, r1 - c0
+    if causal:
+        win_any = (d_max >= 0) & (d_min < window)
+        win_all = (d_min >= 0) & (d_max < window)
+        sink_any = (c0 < sinks) & (c0 <= r1)
+        sink_all = (c1 < sinks) & (c1 <= r0)
+    else:
+        win_any = (d_max > -window) & (d_min < window)
+        win_all = (d_min > -window) & (d_max < window)
+        sink_any = (c0 < sinks).expand_as(win_any)
+        sink_all = (c1 < sinks).expand_as(win_any)
+    full = (win_all & (dilation == 1)) | sink_all
+    partial = (win_any | sink_any) & ~full
+    part_num, part_idx = _ordered(partial[None, None])
+    full_num, full_idx = _ordered(full[None, None])
+    return BlockMask.from_kv_blocks(
+        part_num, part_idx, full_num, full_idx, BLOCK_SIZE=b,
+        mask_mod=pattern_mod(window, dilation, sinks, causal), seq_lengths=(nq, nk),
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- entry points
+def _kernel_options(kb: int) -> dict | None:
+    return {"fwd_BLOCK_N": kb, "bwd_BLOCK_N1": kb, "bwd_BLOCK_M2": kb} if kb < 128 else None
+
+
+def select_forward(q, k, v, *, is_causal: bool, scale: float | None, config: HyperConfig):
+    """``method="select"``: the selection kernel's lists, then FlexAttention. (out, None)."""
+    from hyperpass.kernels.select_blocks import select_block_lists
+
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    lists = select_block_lists(q, k, scale, config, is_causal)
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    mask = block_mask_from_lists(
+        *lists, q.shape[-2], k.shape[-2], config.query_block, config.select_block,
+        causal_mod() if is_causal else no_mask_mod(), backward,
+    )  # fmt: skip
+    gqa = q.shape[1] != k.shape[1]
+    out = _flex(q, k, v, mask, scale, gqa, _kernel_options(config.select_block), True)
+    return (_reference(q, k, v, is_causal, scale, config) if out is None else out), None
+
+
+def pattern_forward(q, k, v, *, is_causal: bool, scale: float | None, config: HyperConfig):
+    """``local`` / ``dilated`` / ``longformer``: the cached pattern mask, then FlexAttention."""
+    nq, nk = q.shape[-2], k.shape[-2]
+    window = min(config.window, nq + nk + 1)  # a wider window changes nothing
+    mask = pattern_block_mask(nq, nk, window, config.dilation, config.sinks, is_causal, q.device)
+    gqa = q.shape[1] != k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out = _flex(q, k, v, mask, scale, gqa, None, False)
+    return (_reference(q, k, v, is_causal, scale, config) if out is None else out), None
+
+
+def _reference(q, k, v, is_causal, scale, config):
+    from hyperpass.reference import hyper_attention_reference
+
+    return hyper_attention_reference(q, k, v, is_causal=is_causal, scale=scale, config=config)[0]

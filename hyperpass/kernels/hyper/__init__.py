@@ -1,0 +1,2 @@
+"""sortLSH hashing and sorting, the approximated and exact-leaf kernels, the recursion plan,
+and their launcher (``launch.py``)."""

@@ -1,0 +1,353 @@
+"""``method="select"``'s block selection on the GPU, written as FlexAttention block lists.
+
+Same semantics as :mod:`hyperpass.reference.select` (the oracle): one program per query tile and
+query head
+
+1. bounds every key block's scores with the per-block key maxima/minima and the tile's
+   row-group means (``_reps_kernel``; two dots per step of key blocks), keeping the max over
+   the groups: the tile's row of block scores, written to a scratch row;
+2. finds how many blocks to keep (``select_topk``, or with ``select_mass`` the fewest buckets
+   whose estimated mass reaches the target) and the bucket where the cut falls (buckets of
+   ``BUCKET_WIDTH`` below the best candidate);
+3. writes the tile's block lists in FlexAttention's layout (``BlockMask.from_kv_blocks``): the
+   *full* blocks (sinks outside the window, the selected blocks, window blocks wholly in the
+   past) and the *partial* ones (window blocks on the causal diagonal), each with its count.
+
+So the selection is three launches (key-block extremes, row-group means, this kernel), no sort
+and no top-k; the cut is found by bisection over the buckets, one pass over the scratch row per
+step. The query heads of one KV head are scored in one program (one dot for all of them).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hyperpass.config import HyperConfig
+from hyperpass.kernels.host import cdiv, last_dim_contiguous, next_pow2
+from hyperpass.reference.select import BUCKET_WIDTH, N_BUCKETS
+
+_KEY_TILE = 64  # key blocks per step of the score loop
+_GROUPS_PAD = 16  # a dot's smallest height: the row groups, padded
+
+
+def key_block_extremes(k: torch.Tensor, kb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kmax, kmin) [B, Hkv, n_blocks, D] in k's dtype (exact: a max of its values)."""
+    batch, kv_heads, nk, dim = k.shape
+    n_kb = cdiv(nk, kb)
+    kmax = k.new_empty(batch, kv_heads, n_kb, dim)
+    kmin = k.new_empty(batch, kv_heads, n_kb, dim)
+    rows = min(next_pow2(kb), 64)
+    _extremes_kernel[(n_kb, batch * kv_heads)](
+        k, kmax, kmin, *k.stride()[:3], kv_heads, nk, n_kb,
+        D=dim, BLOCK_D=next_pow2(dim), KB=kb, ROWS=rows, num_warps=4,
+    )  # fmt: skip
+    return kmax, kmin
+
+
+@triton.jit
+def _extremes_kernel(K, KMAX, KMIN, stride_kb, stride_kh, stride_kn, kv_heads, n_keys, n_kb,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, KB: tl.constexpr,
+                     ROWS: tl.constexpr):  # fmt: skip
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // kv_heads
+    h = bh % kv_heads
+    d = tl.arange(0, BLOCK_D)
+    base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    hi = tl.full([BLOCK_D], float("-inf"), tl.float32)
+    lo = tl.full([BLOCK_D], float("inf"), tl.float32)
+    for r in range(0, KB, ROWS):
+        rows = j * KB + r + tl.arange(0, ROWS)
+        ok = (rows < n_keys) & (rows < (j + 1) * KB)
+        mask = ok[:, None] & (d < D)[None, :]
+        x = tl.load(
+            base + rows[:, None].to(tl.int64) * stride_kn + d[None, :], mask=mask, other=0.0
+        )
+        x = x.to(tl.float32)
+        hi = tl.maximum(hi, tl.max(tl.where(mask, x, float("-inf")), axis=0))
+        lo = tl.minimum(lo, tl.min(tl.where(mask, x, float("inf")), axis=0))
+    out = bh.to(tl.int64) * n_kb * D + j * D + d
+    tl.store(KMAX + out, hi.to(KMAX.dtype.element_ty), mask=d < D)
+    tl.store(KMIN + out, lo.to(KMIN.dtype.element_ty), mask=d < D)
+
+
+@triton.jit
+def _block_kinds(js, n_keys, lo, hi, first_row, n_sinks, KB: tl.constexpr,
+                 CAUSAL: tl.constexpr):  # fmt: skip
+    """Per block id: (local, sink, candidate, wholly in the past of the tile's first row)."""
+    start = js * KB
+    end = tl.minimum(start + KB, n_keys)
+    local = (end > lo) & (start < hi)
+    sink = start < n_sinks
+    before = end <= lo
+    if CAUSAL:
+        cand = before & ~sink
+        past = end - 1 <= first_row
+    else:
+        cand = (before | (start >= hi)) & ~sink
+        past = start >= 0
+    return local, sink, cand, past, end - start
+
+
+@triton.jit
+def _reps_kernel(Q, REPS, scale, stride_qb, stride_qh, stride_qn, q_heads, n_queries, n_tiles,
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, QB: tl.constexpr, GROUPS: tl.constexpr,
+                 GROUPS_PAD: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """REPS[b, h, t, g] = scale * the mean of the rows of group ``g`` of tile ``t`` (one dot
+    with an averaging matrix), in Q's dtype, as the bound dots take it."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // q_heads
+    h = bh % q_heads
+    rows = t * QB + tl.arange(0, QB)
+    row_ok = rows < n_queries
+    d = tl.arange(0, BLOCK_D)
+    base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    x = tl.load(base + rows[:, None].to(tl.int64) * stride_qn + d[None, :],
+                mask=row_ok[:, None] & (d < D)[None, :], other=0.0)  # fmt: skip
+    g = tl.arange(0, GROUPS_PAD)
+    member = (tl.arange(0, QB)[None, :] // (QB // GROUPS) == g[:, None]) & (g < GROUPS)[:, None]
+    member = member & row_ok[None, :]
+    count = tl.sum(member.to(tl.int32), axis=1)
+    average = tl.where(member, 1.0 / tl.maximum(count, 1).to(tl.float32)[:, None], 0.0)
+    reps = tl.dot(average.to(x.dtype), x, input_precision=PRECISION) * scale
+    out = REPS + ((bh.to(tl.int64) * n_tiles + t) * GROUPS + g[:, None]) * D + d[None, :]
+    tl.store(out, reps.to(REPS.dtype.element_ty), mask=(g < GROUPS)[:, None] & (d < D)[None, :])
+
+
+@triton.jit
+def _buckets(scores, best, WIDTH: tl.constexpr, NB: tl.constexpr):
+    """Ranking bucket of each score below its head's best candidate ``best`` [HG, 1]."""
+    return tl.minimum(tl.maximum((best - scores) / WIDTH, 0.0), NB - 1).to(tl.int32)
+
+
+@triton.jit
+def _select_kernel(
+    REPS, KMAX, KMIN, SCORES, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
+    mass_share,
+    q_heads, kv_heads, n_queries, n_keys, n_kb, n_tiles, window, n_sinks, topk, min_blocks,
+    GROUP: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    QB: tl.constexpr, KB: tl.constexpr, GROUPS: tl.constexpr, RP: tl.constexpr,
+    KEY_TILE: tl.constexpr, NB: tl.constexpr, LOG_NB: tl.constexpr, WIDTH: tl.constexpr,
+    CAUSAL: tl.constexpr, ADAPTIVE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Tile ``t`` of the ``HG`` query heads ``h0 ..`` (one KV head's): scores, budget, lists."""
+    t = tl.program_id(0)
+    pid = tl.program_id(1)
+    chunks = GROUP // HG
+    b = pid // (kv_heads * chunks)
+    hkv = (pid // chunks) % kv_heads
+    h0 = hkv * GROUP + (pid % chunks) * HG
+    first_row = t * QB
+    d = tl.arange(0, BLOCK_D)
+
+    # the HG heads' row-group representatives: row m = head m // RP, group m % RP
+    m = tl.arange(0, HG * RP)
+    head = m // RP
+    grp = m % RP
+    present = (grp < GROUPS) & (first_row + grp * (QB // GROUPS) < n_queries)
+    rep_row = ((b * q_heads + h0 + head).to(tl.int64) * n_tiles + t) * GROUPS + grp
+    reps = tl.load(REPS + rep_row[:, None] * D + d[None, :],
+                   mask=present[:, None] & (d < D)[None, :], other=0.0)  # fmt: skip
+    positive = tl.where(reps > 0, reps, 0.0).to(KMAX.dtype.element_ty)
+    negative = tl.where(reps < 0, reps, 0.0).to(KMAX.dtype.element_ty)
+
+    lo = (tl.maximum(first_row + QB - window, 0) // KB) * KB
+    if CAUSAL:
+        hi = tl.minimum(tl.minimum(first_row + QB, n_queries), n_keys)
+        n_visit = tl.cdiv(hi, KB)
+    else:
+        hi = tl.minimum(((first_row + window + KB - 1) // KB) * KB, n_keys)
+        n_visit = n_kb
+    k_base = (b * kv_heads + hkv).to(tl.int64) * n_kb * D
+    hs = tl.arange(0, HG)
+    row_base = ((b * q_heads + h0 + hs).to(tl.int64) * n_tiles + t) * n_kb  # [HG]
+    n_steps = tl.cdiv(n_visit, KEY_TILE)
+
+    # 1. scores (scratch rows), each head's best candidate, and (adaptive) the masses, online
+    best = tl.full([HG], float("-inf"), tl.float32)
+    top = tl.full([HG], float("-inf"), tl.float32)
+    fixed_mass = tl.zeros([HG], tl.float32)
+    total_mass = tl.zeros([HG], tl.float32)
+    n_cand = 0
+    for c in range(0, n_steps):
+        js = c * KEY_TILE + tl.arange(0, KEY_TILE)
+        ok = js < n_visit
+        kmask = ok[:, None] & (d < D)[None, :]
+        offs = k_base + js[:, None].to(tl.int64) * D + d[None, :]
+        kmax = tl.load(KMAX + offs, mask=kmask, other=0.0)
+        kmin = tl.load(KMIN + offs, mask=kmask, other=0.0)
+        bound = tl.dot(positive, tl.trans(kmax), input_precision=PRECISION)
+        bound = tl.dot(negative, tl.trans(kmin), bound, input_precision=PRECISION)
+        bound = tl.where(present[:, None], bound, float("-inf"))
+        score = tl.max(tl.reshape(bound, (HG, RP, KEY_TILE)), axis=1)  # [HG, KEY_TILE]
+        tl.store(SCORES + row_base[:, None] + js[None, :], score, mask=ok[None, :])
+        local, sink, cand, _p, size = _block_kinds(js, n_keys, lo, hi, first_row, n_sinks, KB,
+                                                  CAUSAL)  # fmt: skip
+        cand = cand & ok
+        best = tl.maximum(best, tl.max(tl.where(cand[None, :], score, float("-inf")), axis=1))
+        n_cand += tl.sum(cand.to(tl.int32), axis=0)
+        if ADAPTIVE:
+            allowed = ((local | sink | cand) & ok)[None, :]
+            new_top = tl.maximum(top, tl.max(tl.where(allowed, score, float("-inf")), axis=1))
+            rescale = tl.exp(top - new_top)
+            mass = tl.where(allowed, size.to(tl.float32)[None, :] *
+                            tl.exp(score - new_top[:, None]), 0.0)  # fmt: skip
+            fixed = ((local | sink) & ok)[None, :]
+            fixed_mass = fixed_mass * rescale + tl.sum(tl.where(fixed, mass, 0.0), axis=1)
+            total_mass = total_mass * rescale + tl.sum(mass, axis=1)
+            top = new_top
+    best2 = tl.where(n_cand > 0, best, 0.0)[:, None]
+
+    # 2. the budget per head, then by bisection the bucket where the cut falls
+    budget = tl.full([HG], 0, tl.int32) + tl.minimum(topk, n_cand)
+    if ADAPTIVE:
+        target = mass_share * total_mass
+        lo_b = tl.zeros([HG], tl.int32)
+        hi_b = tl.full([HG], NB, tl.int32)  # NB: not reached within the buckets
+        for _it in range(LOG_NB + 1):
+            mid = (lo_b + hi_b) // 2
+            got = fixed_mass
+            for c in range(0, n_steps):
+                js = c * KEY_TILE + tl.arange(0, KEY_TILE)
+                ok = js < n_visit
+                score = tl.load(SCORES + row_base[:, None] + js[None, :], mask=ok[None, :],
+                                other=float("-inf"))  # fmt: skip
+                _l, _s, cand, _p, size = _block_kinds(js, n_keys, lo, hi, first_row, n_sinks, KB,
+                                                   CAUSAL)  # fmt: skip
+                inside = (cand & ok)[None, :] & (_buckets(score, best2, WIDTH, NB) <= mid[:, None])
+                mass = size.to(tl.float32)[None, :] * tl.exp(score - top[:, None])
+                got += tl.sum(tl.where(inside, mass, 0.0), axis=1)
+            reached = (got >= target) & (lo_b < hi_b)
+            hi_b = tl.where(reached, mid, hi_b)
+            lo_b = tl.where(reached | (lo_b >= hi_b), lo_b, mid + 1)
+        need = tl.zeros([HG], tl.int32)
+        for c in range(0, n_steps):
+            js = c * KEY_TILE + tl.arange(0, KEY_TILE)
+            ok = js < n_visit
+            score = tl.load(SCORES + row_base[:, None] + js[None, :], mask=ok[None, :],
+                            other=float("-inf"))  # fmt: skip
+            _l, _s, cand, _p, _z = _block_kinds(js, n_keys, lo, hi, first_row, n_sinks, KB, CAUSAL)
+            inside = (cand & ok)[None, :] & (_buckets(score, best2, WIDTH, NB) <= hi_b[:, None])
+            need += tl.sum(inside.to(tl.int32), axis=1)
+        need = tl.where(fixed_mass >= target, 0, need)
+        budget = tl.minimum(tl.minimum(tl.maximum(need, min_blocks), topk), n_cand)
+    # smallest bucket b with count(bucket <= b) >= budget
+    lo_b = tl.zeros([HG], tl.int32)
+    hi_b = tl.full([HG], NB - 1, tl.int32)
+    for _it in range(LOG_NB):
+        mid = (lo_b + hi_b) // 2
+        count = tl.zeros([HG], tl.int32)
+        for c in range(0, n_steps):
+            js = c * KEY_TILE + tl.arange(0, KEY_TILE)
+            ok = js < n_visit
+            score = tl.load(SCORES + row_base[:, None] + js[None, :], mask=ok[None, :],
+                            other=float("-inf"))  # fmt: skip
+            _l, _s, cand, _p, _z = _block_kinds(js, n_keys, lo, hi, first_row, n_sinks, KB, CAUSAL)
+            inside = (cand & ok)[None, :] & (_buckets(score, best2, WIDTH, NB) <= mid[:, None])
+            count += tl.sum(inside.to(tl.int32), axis=1)
+        enough = count >= budget
+        hi_b = tl.where(enough, mid, hi_b)
+        lo_b = tl.where(enough, lo_b, mid + 1)
+    cut = lo_b
+    above = tl.zeros([HG], tl.int32)
+    for c in range(0, n_steps):
+        js = c * KEY_TILE + tl.arange(0, KEY_TILE)
+        ok = js < n_visit
+        score = tl.load(SCORES + row_base[:, None] + js[None, :], mask=ok[None, :],
+                        other=float("-inf"))  # fmt: skip
+        _l, _s, cand, _p, _z = _block_kinds(js, n_keys, lo, hi, first_row, n_sinks, KB, CAUSAL)
+        inside = (cand & ok)[None, :] & (_buckets(score, best2, WIDTH, NB) < cut[:, None])
+        above += tl.sum(inside.to(tl.int32), axis=1)
+    need_in_cut = budget - above
+
+    # 3. the block lists, ascending: full (sinks, selected, past window) and partial (diagonal)
+    list_row = (b * q_heads + h0 + hs).to(tl.int64) * n_tiles + t  # [HG]
+    full_base = FULL_IDX + list_row * n_kb
+    part_base = PART_IDX + list_row * n_kb
+    n_full = tl.zeros([HG], tl.int32)
+    n_part = 0
+    seen_in_cut = tl.zeros([HG], tl.int32)
+    for c in range(0, n_steps):
+        js = c * KEY_TILE + tl.arange(0, KEY_TILE)
+        ok = js < n_visit
+        score = tl.load(SCORES + row_base[:, None] + js[None, :], mask=ok[None, :],
+                        other=float("-inf"))  # fmt: skip
+        local, sink, cand, past, _z = _block_kinds(js, n_keys, lo, hi, first_row, n_sinks, KB,
+                                                  CAUSAL)  # fmt: skip
+        bucket = _buckets(score, best2, WIDTH, NB)
+        cand2 = (cand & ok)[None, :]
+        in_cut = cand2 & (bucket == cut[:, None])
+        rank_in_cut = seen_in_cut[:, None] + tl.cumsum(in_cut.to(tl.int32), axis=1)
+        chosen = cand2 & (
+            (bucket < cut[:, None]) | (in_cut & (rank_in_cut <= need_in_cut[:, None]))
+        )
+        seen_in_cut += tl.sum(in_cut.to(tl.int32), axis=1)
+        local = local & ok
+        fixed_full = (((sink & ok) & ~local) | (local & past))[None, :]
+        full = chosen | fixed_full
+        at = n_full[:, None] + tl.cumsum(full.to(tl.int32), axis=1) - 1
+        tl.store(full_base[:, None] + at, js[None, :] + tl.zeros([HG, KEY_TILE], tl.int32),
+                 mask=full)  # fmt: skip
+        n_full += tl.sum(full.to(tl.int32), axis=1)
+        partial = local & ~past  # the same for every head
+        at_p = n_part + tl.cumsum(partial.to(tl.int32), axis=0) - 1
+        tl.store(part_base[:, None] + at_p[None, :], js[None, :] + tl.zeros([HG, KEY_TILE],
+                 tl.int32), mask=partial[None, :] & (hs >= 0)[:, None])  # fmt: skip
+        n_part += tl.sum(partial.to(tl.int32), axis=0)
+    tl.store(FULL_NUM + list_row, n_full)
+    tl.store(PART_NUM + list_row, tl.zeros([HG], tl.int32) + n_part)
+
+
+def _program_rows(group: int, groups: int) -> tuple[int, int]:
+    """(query heads of one KV head scored together, row slots per head): the heads a power of
+    two dividing the group, their row groups filling 16-128 rows of one tensor-core dot."""
+    slots = next_pow2(groups)
+    heads = 1
+    while group % (2 * heads) == 0 and 2 * heads * slots <= 128:
+        heads *= 2
+    return heads, max(slots, _GROUPS_PAD // heads)
+
+
+def select_block_lists(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: HyperConfig,
+                       causal: bool) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """FlexAttention block lists of ``method="select"`` for q [B, Hq, Nq, D], k [B, Hkv, Nk, D]:
+    (partial count [B, Hq, n_tiles], partial ids [B, Hq, n_tiles, n_blocks], full count, full
+    ids), int32, each list ascending; ids past a count are unset."""
+    q, k = last_dim_contiguous(q), last_dim_contiguous(k)
+    batch, q_heads, nq, dim = q.shape
+    kv_heads, nk = k.shape[1], k.shape[2]
+    qb, kb, groups = cfg.query_block, cfg.select_block, cfg.query_groups
+    n_tiles, n_kb = cdiv(nq, qb), cdiv(nk, kb)
+    group = q_heads // kv_heads
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    dev = q.device
+    kmax, kmin = key_block_extremes(k, kb)
+    reps = torch.empty(batch, q_heads, n_tiles, groups, dim, dtype=k.dtype, device=dev)
+    groups_pad = max(_GROUPS_PAD, next_pow2(groups))
+    _reps_kernel[(n_tiles, batch * q_heads)](
+        q, reps, float(scale), *q.stride()[:3], q_heads, nq, n_tiles,
+        D=dim, BLOCK_D=next_pow2(dim), QB=qb, GROUPS=groups, GROUPS_PAD=groups_pad,
+        PRECISION=precision, num_warps=8 if qb * dim > 8192 else 4,
+    )  # fmt: skip
+    hg, rp = _program_rows(group, groups)
+    scores = torch.empty(batch, q_heads, n_tiles, n_kb, dtype=torch.float32, device=dev)
+    full_num = torch.empty(batch, q_heads, n_tiles, dtype=torch.int32, device=dev)
+    part_num = torch.empty_like(full_num)
+    # lists in the full block width, as FlexAttention's lowerings and its transposition (for
+    # the backward) read them; only the counts' entries are written
+    full_idx = torch.empty(batch, q_heads, n_tiles, n_kb, dtype=torch.int32, device=dev)
+    part_idx = torch.empty_like(full_idx)
+    window = min(cfg.window, nq + nk + qb)  # covers everything already; keeps s + window in int32
+    _select_kernel[(n_tiles, batch * kv_heads * (group // hg))](
+        reps, kmax, kmin, scores, full_num, full_idx, part_num, part_idx,
+        float(cfg.select_mass),
+        q_heads, kv_heads, nq, nk, n_kb, n_tiles, window, cfg.sinks, cfg.select_topk,
+        cfg.select_min,
+        GROUP=group, HG=hg, D=dim, BLOCK_D=next_pow2(dim), QB=qb, KB=kb, GROUPS=groups, RP=rp,
+        KEY_TILE=_KEY_TILE, NB=N_BUCKETS, LOG_NB=N_BUCKETS.bit_length() - 1, WIDTH=BUCKET_WIDTH,
+        CAUSAL=causal, ADAPTIVE=cfg.select_mass > 0, PRECISION=precision, num_warps=4,
+    )  # fmt: skip
+    return part_num, part_idx, full_num, full_idx

@@ -1,0 +1,27 @@
+"""The op layer: ``torch.ops.hyperpass.hyper_attention``, its one signature and its one
+eligibility rule. Importing it registers the op; it never imports Triton or the compiler.
+
+- :mod:`~hyperpass.op.signature`: the op's arguments, generated from ``HyperConfig``;
+- :mod:`~hyperpass.op.eligibility`: which calls stay exact, and why;
+- :mod:`~hyperpass.op.registration`: the custom ops (fake, autograd, dispatch) and
+  :func:`hyper_attention`, the drop-in for ``F.scaled_dot_product_attention``.
+"""
+
+from hyperpass.op.eligibility import Reason, skip_reason
+from hyperpass.op.registration import (
+    hyper_attention,
+    hyper_attention_backward,
+    hyper_attention_op,
+)
+from hyperpass.op.signature import BACKWARD_SCHEMA, FORWARD_SCHEMA, op_args
+
+__all__ = [
+    "BACKWARD_SCHEMA",
+    "FORWARD_SCHEMA",
+    "Reason",
+    "hyper_attention",
+    "hyper_attention_backward",
+    "hyper_attention_op",
+    "op_args",
+    "skip_reason",
+]

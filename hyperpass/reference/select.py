@@ -1,0 +1,212 @@
+"""``method="select"``: exact attention over key blocks chosen per query tile by a score bound.
+
+HyperAttention's exact part is "the large entries" of the attention matrix; the paper finds them
+with sortLSH. Here they are whole key blocks, which a block-sparse kernel runs at dense speed.
+Queries are cut into tiles of ``query_block`` rows, keys into blocks of ``select_block``; each
+tile attends exactly (softmax over the union, causal mask on top when causal) to:
+
+1. *local* blocks: every block that meets ``[lo, hi)``, with
+   ``lo = floor(max(s + query_block - window, 0) / select_block) * select_block`` for the tile
+   starting at ``s`` and ``hi`` the tile's last row + 1 (causal) or
+   ``ceil((s + window) / select_block) * select_block`` (non-causal): at least ``window`` keys;
+2. *sink* blocks: every block that meets ``[0, sinks)``;
+3. *selected* blocks among the other blocks (causal: only those wholly before ``lo``), ranked by
+   the bound of their scores (the bound Quest, Tang et al. 2024, uses): for a block with
+   per-channel key maxima ``kmax`` and minima ``kmin`` and a query ``q`` (scaled),
+
+       q . k  <=  relu(q) . kmax + min(q, 0) . kmin     for every key k of the block;
+
+   the tile's score of a block is the max of that bound over ``query_groups`` representatives,
+   each the mean of a group of consecutive rows of the tile.
+
+How many blocks are selected: ``select_topk`` (``select_mass == 0``), or (``select_mass = t``)
+the fewest whose estimated softmax mass, with the local and sink blocks', reaches ``t`` of the
+row's total, between ``select_min`` and ``select_topk``. The mass of a block is estimated as
+``len(block) * exp(score)``. Ranking is by score quantized to buckets of ``1/8`` below the tile's
+best candidate (ties inside a bucket: lower block first), which a GPU kernel computes exactly the
+same way in one pass (``hyperpass.kernels.select_blocks``).
+
+Layout as in ``hyperpass.reference.hyper``: q [B, Hkv, G, Nq, D] (pre-scaled), k [B, Hkv, Nk, D],
+v [B, Hkv, Nk, Dv]. Must not import the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hyperpass.config import HyperConfig
+from hyperpass.reference.softmax import attend
+
+BUCKET_WIDTH = 0.125  # score units (natural-log logits) per ranking bucket
+N_BUCKETS = 128  # buckets below the best candidate; lower scores share the last
+_TILES_PER_STEP = 4  # query tiles per step of the attention: bounds the score matrix's memory
+
+
+@dataclass
+class TileGeometry:
+    """Query tiles, key blocks and each tile's local span, by position arithmetic."""
+
+    nq: int
+    nk: int
+    qb: int
+    kb: int
+    causal: bool
+    lo: Tensor  # [n_tiles] first local key
+    hi: Tensor  # [n_tiles] end of the local span (causal: the tile's last row + 1)
+
+    @property
+    def n_tiles(self) -> int:
+        return math.ceil(self.nq / self.qb)
+
+    @property
+    def n_blocks(self) -> int:
+        return math.ceil(self.nk / self.kb)
+
+
+def tile_geometry(nq: int, nk: int, cfg: HyperConfig, causal: bool, device) -> TileGeometry:
+    qb, kb = cfg.query_block, cfg.select_block
+    starts = torch.arange(math.ceil(nq / qb), device=device) * qb
+    lo = ((starts + qb - cfg.window).clamp(min=0) // kb) * kb
+    if causal:
+        hi = (starts + qb).clamp(max=nq).clamp(max=nk)
+    else:
+        hi = (torch.div(starts + cfg.window + kb - 1, kb, rounding_mode="floor") * kb).clamp(max=nk)
+    return TileGeometry(nq, nk, qb, kb, causal, lo, hi)
+
+
+def block_kinds(geo: TileGeometry, sinks: int) -> tuple[Tensor, Tensor]:
+    """(fixed [n_tiles, n_blocks] bool: local or sink blocks, candidate: may be selected).
+    Causal: no block that starts at or after the end of the tile's span (wholly future)."""
+    start = torch.arange(geo.n_blocks, device=geo.lo.device) * geo.kb
+    end = (start + geo.kb).clamp(max=geo.nk)
+    local = (end > geo.lo[:, None]) & (start < geo.hi[:, None])
+    sink = (start < sinks).expand_as(local)
+    if geo.causal:
+        sink = sink & (start < geo.hi[:, None])
+    fixed = local | sink
+    before = end[None, :] <= geo.lo[:, None]
+    outside = before if geo.causal else before | (start[None, :] >= geo.hi[:, None])
+    return fixed, outside & ~sink
+
+
+def block_scores(q: Tensor, k: Tensor, geo: TileGeometry, groups: int,
+                 rep_dtype: torch.dtype | None = None) -> Tensor:  # fmt: skip
+    """[B, Hkv, G, n_tiles, n_blocks] fp32: each tile's bound on each block's scores (the max
+    over its representatives, the means of ``groups`` groups of consecutive rows, rounded to
+    ``rep_dtype`` as the GPU's tensor-core dots take them)."""
+    batch, kv_heads, nk, dim = k.shape
+    n_b, kb = geo.n_blocks, geo.kb
+    keys = torch.nn.functional.pad(k, (0, 0, 0, n_b * kb - nk)).unflatten(-2, (n_b, kb))
+    valid = (torch.arange(n_b * kb, device=k.device) < nk).view(n_b, kb, 1)
+    kmax = keys.masked_fill(~valid, float("-inf")).amax(-2).float()  # [B, Hkv, n_b, D]
+    kmin = keys.masked_fill(~valid, float("inf")).amin(-2).float()
+    reps, present = representatives(q, geo, groups)  # [B, Hkv, G, n_t, R, D], [n_t, R]
+    if rep_dtype is not None:
+        reps = reps.to(rep_dtype).float()
+    bound = (
+        reps.clamp(min=0) @ kmax[:, :, None, None].mT
+        + reps.clamp(max=0) @ kmin[:, :, None, None].mT
+    )  # [B, Hkv, G, n_t, R, n_b]
+    bound = bound.masked_fill(~present[..., None], float("-inf"))
+    return bound.amax(-2)
+
+
+def representatives(q: Tensor, geo: TileGeometry, groups: int) -> tuple[Tensor, Tensor]:
+    """(the mean of each group of ``query_block / groups`` rows of each tile
+    [B, Hkv, G, n_tiles, groups, D] fp32, whether the group has a row [n_tiles, groups])."""
+    nq, n_t, qb = geo.nq, geo.n_tiles, geo.qb
+    size = qb // groups
+    rows = torch.nn.functional.pad(q.float(), (0, 0, 0, n_t * qb - nq))
+    rows = rows.unflatten(-2, (n_t, groups, size))
+    count = (torch.arange(n_t * qb, device=q.device) < nq).view(n_t, groups, size).sum(-1)
+    reps = rows.sum(-2) / count.clamp(min=1)[..., None]
+    return reps, count > 0
+
+
+def choose_blocks(scores: Tensor, fixed: Tensor, candidate: Tensor, geo: TileGeometry,
+                  cfg: HyperConfig) -> Tensor:  # fmt: skip
+    """[B, Hkv, G, n_tiles, n_blocks] bool: the blocks each tile attends to (fixed + chosen)."""
+    neg = float("-inf")
+    cand_scores = scores.masked_fill(~candidate, neg)
+    best = cand_scores.amax(-1, keepdim=True)  # -inf: no candidate
+    safe_best = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
+    bucket = ((safe_best - cand_scores) / BUCKET_WIDTH).floor().clamp(0, N_BUCKETS - 1)
+    bucket = torch.where(candidate, bucket, torch.full_like(bucket, N_BUCKETS))  # not ranked
+    n_candidates = candidate.sum(-1)
+    budget = torch.full_like(n_candidates, cfg.select_topk).expand(*scores.shape[:-1])
+    if cfg.select_mass > 0:
+        budget = _mass_budget(scores, fixed, candidate, bucket, geo, cfg)
+    budget = torch.minimum(budget, n_candidates)
+    # rank: bucket first, block index second; the first ``budget`` candidates are chosen
+    n_b = geo.n_blocks
+    order_key = bucket * n_b + torch.arange(n_b, device=scores.device)
+    rank = order_key.argsort(-1).argsort(-1)
+    chosen = candidate & (rank < budget[..., None])
+    return chosen | fixed
+
+
+def _mass_budget(scores, fixed, candidate, bucket, geo: TileGeometry, cfg: HyperConfig):
+    """Per tile, the fewest candidate buckets (best first) whose estimated mass, with the
+    fixed blocks', reaches ``select_mass`` of the total; as a block count in
+    [select_min, select_topk]."""
+    start = torch.arange(geo.n_blocks, device=scores.device) * geo.kb
+    size = ((start + geo.kb).clamp(max=geo.nk) - start).float()
+    allowed = fixed | candidate
+    top = scores.masked_fill(~allowed, float("-inf")).amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    mass = torch.where(allowed, size * torch.exp(scores - top), torch.zeros_like(scores))
+    fixed_mass = (mass * fixed).sum(-1)
+    total = mass.sum(-1)
+    idx = bucket.long().clamp(max=N_BUCKETS - 1)
+    cand = candidate.float().expand_as(scores)
+    hist_mass = torch.zeros(*scores.shape[:-1], N_BUCKETS, device=scores.device)
+    hist_count = torch.zeros_like(hist_mass)
+    hist_mass.scatter_add_(-1, idx, mass * cand)
+    hist_count.scatter_add_(-1, idx, cand)
+    reached = fixed_mass[..., None] + hist_mass.cumsum(-1) >= cfg.select_mass * total[..., None]
+    counts = hist_count.cumsum(-1)
+    first = reached.float().argmax(-1, keepdim=True)  # first bucket that reaches the target
+    need = torch.where(reached.any(-1), counts.gather(-1, first)[..., 0], counts[..., -1])
+    need = torch.where(fixed_mass >= cfg.select_mass * total, torch.zeros_like(need), need)
+    return need.long().clamp(min=cfg.select_min, max=cfg.select_topk)
+
+
+def select_block_mask(q: Tensor, k: Tensor, cfg: HyperConfig, causal: bool,
+                      rep_dtype: torch.dtype | None = None) -> Tensor:  # fmt: skip
+    """[B, Hkv, G, n_tiles, n_blocks] bool: the key blocks each query tile attends to."""
+    geo = tile_geometry(q.shape[-2], k.shape[-2], cfg, causal, q.device)
+    fixed, candidate = block_kinds(geo, cfg.sinks)
+    scores = block_scores(q, k, geo, cfg.query_groups, rep_dtype)
+    return choose_blocks(scores, fixed, candidate, geo, cfg)
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, qb: int, kb: int,
+                           causal: bool):  # fmt: skip
+    """(out, lse) of exact attention of each query tile over its ``blocks`` [.., n_t, n_b]
+    (and, when causal, only keys at or before the query), by steps of a few tiles."""
+    nq, nk = q.shape[-2], k.shape[-2]
+    k_pos = torch.arange(nk, device=q.device)
+    outs, lses = [], []
+    for first in range(0, blocks.shape[-2], _TILES_PER_STEP):
+        rows = torch.arange(first * qb, min((first + _TILES_PER_STEP) * qb, nq), device=q.device)
+        tile_blocks = blocks[..., first : first + _TILES_PER_STEP, :]  # [.., tiles, n_b]
+        keep = tile_blocks.repeat_interleave(kb, -1)[..., :nk]  # [.., tiles, nk]
+        keep = keep.repeat_interleave(qb, -2)[..., : len(rows), :]  # [.., rows, nk]
+        if causal:
+            keep = keep & (k_pos <= rows[:, None])
+        out, lse = attend(q[..., rows, :], k.unsqueeze(2), v.unsqueeze(2), keep)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, -2), torch.cat(lses, -1)
+
+
+def select_attention(q: Tensor, k: Tensor, v: Tensor, cfg: HyperConfig, causal: bool,
+                     rep_dtype: torch.dtype | None = None):  # fmt: skip
+    """(out [B, Hkv, G, Nq, Dv], lse [B, Hkv, G, Nq]) of ``method="select"``; ``rep_dtype``: the
+    inputs' dtype, to which the GPU rounds the row-group means it ranks blocks with."""
+    blocks = select_block_mask(q, k, cfg, causal, rep_dtype)
+    return block_sparse_attention(q, k, v, blocks, cfg.query_block, cfg.select_block, causal)

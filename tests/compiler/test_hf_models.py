@@ -1,0 +1,172 @@
+"""Real Hugging Face architectures, built from tiny random configs (no weights downloaded).
+
+For each: the pass finds every attention site (SDPA and the hand-written ``eager`` attention);
+with parameters that make the approximation exact (block_size and min_seq_len >= N) the compiled
+model's outputs and gradients equal the uncompiled model's; below ``min_len`` the graph is left
+as it was, so outputs equal the plain compiled model's.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hyperpass
+from hyperpass.compiler.report import COUNTERS
+from tests.helpers.configs import PAPER_ALGO
+
+transformers = pytest.importorskip("transformers")
+
+N_LAYERS, SEQ, VOCAB = 2, 32, 64
+EXACT = {
+    **PAPER_ALGO,
+    "block_size": 64,
+    "min_seq_len": 64,
+    "sample_size": 16,
+}
+_COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": N_LAYERS,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 128,
+}
+
+
+def _configs():
+    t = transformers
+    return {
+        "llama": (t.LlamaForCausalLM, t.LlamaConfig(**_COMMON, num_key_value_heads=2)),
+        "mistral": (
+            t.MistralForCausalLM,
+            t.MistralConfig(**_COMMON, num_key_value_heads=2, sliding_window=None),
+        ),
+        "qwen2": (t.Qwen2ForCausalLM, t.Qwen2Config(**_COMMON, num_key_value_heads=2)),
+        "gpt2": (
+            t.GPT2LMHeadModel,
+            t.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=N_LAYERS, n_head=4, n_positions=128),
+        ),
+        "bert": (t.BertModel, t.BertConfig(**_COMMON)),
+        "gpt_neox": (t.GPTNeoXForCausalLM, t.GPTNeoXConfig(**_COMMON)),
+        "phi3": (t.Phi3ForCausalLM, t.Phi3Config(**_COMMON, num_key_value_heads=2, pad_token_id=0)),
+        "gemma": (t.GemmaForCausalLM, t.GemmaConfig(**_COMMON, num_key_value_heads=1, head_dim=8)),
+    }
+
+
+ARCHS = list(_configs())
+GQA = {"llama", "mistral", "qwen2", "phi3", "gemma"}
+ENCODERS = {"bert"}
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()
+    COUNTERS.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _model(arch: str, impl: str):
+    cls, config = _configs()[arch]
+    config._attn_implementation = impl
+    torch.manual_seed(0)
+    return cls(config).eval()
+
+
+def _ids(seq=SEQ, batch=2):
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seq))
+
+
+def _output(out):
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.last_hidden_state
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hf_sites_rewritten_and_exact_limit_matches(arch, impl):
+    model = _model(arch, impl)
+    reference = copy.deepcopy(model)
+    ids = _ids()
+    be = hyperpass.backend(min_len=16, inner="aot_eager", **EXACT)
+    out = _output(torch.compile(model, backend=be, fullgraph=True)(ids, use_cache=False))
+    ref = _output(reference(ids, use_cache=False))
+
+    assert len(be.reports) == N_LAYERS
+    assert all(r.decision == "rewritten" for r in be.reports), be.reports
+    assert all(r.is_causal == (arch not in ENCODERS) for r in be.reports)
+    assert all(r.gqa == (arch in GQA) for r in be.reports)
+    if impl == "eager":
+        assert all(r.form.startswith("handwritten") for r in be.reports)
+        assert all(r.mask == ("none" if arch in ENCODERS else "causal") for r in be.reports)
+    torch.testing.assert_close(out, ref)
+
+    weight = torch.randn_like(out)
+    (out * weight).sum().backward()
+    (ref * weight).sum().backward()
+    ref_params = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        got, want = p.grad, ref_params[name].grad
+        if got is None and want is None:
+            continue
+        # an unused parameter (BERT's pooler) may get None on one side and zeros on the other
+        got = torch.zeros_like(p) if got is None else got
+        want = torch.zeros_like(p) if want is None else want
+        # large summed embedding gradients (~600): fp32 summation order differs
+        torch.testing.assert_close(
+            got, want, rtol=1e-5, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hf_below_min_len_matches_plain_compile(arch):
+    model = _model(arch, "sdpa")
+    ids = _ids()
+    be = hyperpass.backend(min_len=4096, inner="aot_eager")
+    with torch.no_grad():
+        out = _output(torch.compile(model, backend=be, fullgraph=True)(ids, use_cache=False))
+        torch._dynamo.reset()
+        ref = _output(
+            torch.compile(model, backend="aot_eager", fullgraph=True)(ids, use_cache=False)
+        )
+    assert [r.code for r in be.reports] == ["short"] * N_LAYERS
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("arch", "code"), [("llama", "mask:causal+padding"), ("bert", "mask:padding")]
+)
+def test_hf_padding_mask_stays_exact(arch, code):
+    model = _model(arch, "sdpa")
+    ids = _ids()
+    keep = torch.ones_like(ids)
+    keep[1, :5] = 0
+    be = hyperpass.backend(min_len=16, inner="aot_eager")
+    with torch.no_grad():
+        out = _output(torch.compile(model, backend=be, fullgraph=True)(ids, attention_mask=keep))
+        ref = _output(model(ids, attention_mask=keep))
+    assert [r.code for r in be.reports] == [code] * N_LAYERS
+    torch.testing.assert_close(out, ref)
+
+
+def test_hf_dynamic_lengths_one_compilation():
+    from torch._dynamo.utils import counters
+
+    model = _model("llama", "sdpa")
+    be = hyperpass.backend(min_len=32, inner="aot_eager", **EXACT)
+    compiled = torch.compile(model, backend=be, fullgraph=True, dynamic=True)
+    counters.clear()
+    with torch.no_grad():
+        for seq in (24, 40, 56):  # below and above min_len
+            ids = _ids(seq)
+            torch.testing.assert_close(
+                _output(compiled(ids, use_cache=False)), _output(model(ids, use_cache=False))
+            )
+    assert counters["stats"]["unique_graphs"] == 1
+    # (Dynamo may trace the frame twice before settling: it restarts once to specialize HF's
+    # float attributes, without hyperpass too; each trace reports its sites)
+    assert {r.code for r in be.reports} == {"rewritten"}
+    assert len(be.reports) % N_LAYERS == 0

@@ -1,0 +1,167 @@
+"""method="select": block selection per query tile, against a dense mask built from its definition
+with plain loops (independent of the vectorized reference), fixed and adaptive budgets."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hyperpass.config import HyperConfig
+from hyperpass.op import hyper_attention
+from hyperpass.reference import hyper_attention_reference
+from hyperpass.reference.select import BUCKET_WIDTH, N_BUCKETS
+
+FP32 = {"atol": 2e-5, "rtol": 2e-5}
+
+
+def qkv(batch, hq, hkv, n, dim, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, h, n, dim, generator=gen, dtype=dtype) for h in (hq, hkv, hkv)]
+
+
+def _tile_blocks(q_tile, keys, cfg: HyperConfig, s: int, n: int, causal: bool) -> set[int]:
+    """The key blocks of the tile starting at ``s`` (q_tile: its scaled rows), by the docstring
+    of hyperpass.reference.select, one block at a time."""
+    qb, kb = cfg.query_block, cfg.select_block
+    n_kb = math.ceil(n / kb)
+    lo = (max(s + qb - cfg.window, 0) // kb) * kb
+    hi = min(s + qb, n) if causal else min(math.ceil((s + cfg.window) / kb) * kb, n)
+    local, sinks, candidates = set(), set(), []
+    size = qb // cfg.query_groups
+    reps = [q_tile[g : g + size].mean(0) for g in range(0, len(q_tile), size)]
+    scores = {}
+    for j in range(n_kb):
+        start, end = j * kb, min((j + 1) * kb, n)
+        blk = keys[start:end]
+        bound = max(
+            ((r.clamp(min=0) * blk.amax(0)).sum() + (r.clamp(max=0) * blk.amin(0)).sum()).item()
+            for r in reps
+        )
+        scores[j] = bound
+        if end > lo and start < hi:
+            local.add(j)
+        elif start < cfg.sinks and (not causal or start < hi):
+            sinks.add(j)
+        elif end <= lo or (not causal and start >= hi):
+            candidates.append(j)
+    budget = min(cfg.select_topk, len(candidates))
+    if candidates:
+        best = max(scores[j] for j in candidates)
+        bucket = {j: min(int((best - scores[j]) / BUCKET_WIDTH), N_BUCKETS - 1) for j in candidates}
+        if cfg.select_mass > 0:
+            allowed = [*local, *sinks, *candidates]
+            top = max(scores[j] for j in allowed)
+            mass = {j: (min((j + 1) * kb, n) - j * kb) * math.exp(scores[j] - top) for j in allowed}
+            total = sum(mass.values())
+            have = sum(mass[j] for j in [*local, *sinks])
+            need = 0
+            if have < cfg.select_mass * total:
+                need = len(candidates)
+                for b in range(N_BUCKETS):
+                    inside = [j for j in candidates if bucket[j] <= b]
+                    if have + sum(mass[j] for j in inside) >= cfg.select_mass * total:
+                        need = len(inside)
+                        break
+            budget = min(max(need, cfg.select_min), cfg.select_topk, len(candidates))
+        ranked = sorted(candidates, key=lambda j: (bucket[j], j))
+        chosen = set(ranked[:budget])
+    else:
+        chosen = set()
+    return local | sinks | chosen
+
+
+def dense_select_mask(q, k, cfg: HyperConfig, causal: bool) -> torch.Tensor:
+    """[B, Hq, N, N] keep-mask of the selection, with the causal mask on top."""
+    batch, hq, n, dim = q.shape
+    group = hq // k.shape[1]
+    mask = torch.zeros(batch, hq, n, n, dtype=torch.bool)
+    scaled = q / math.sqrt(dim)
+    for b in range(batch):
+        for h in range(hq):
+            keys = k[b, h // group]
+            for s in range(0, n, cfg.query_block):
+                e = min(s + cfg.query_block, n)
+                for j in _tile_blocks(scaled[b, h, s:e], keys, cfg, s, n, causal):
+                    mask[b, h, s:e, j * cfg.select_block : (j + 1) * cfg.select_block] = True
+    if causal:
+        mask &= torch.ones(n, n, dtype=torch.bool).tril()
+    return mask
+
+
+BASE = {"window": 48, "select_block": 32, "query_block": 32, "select_topk": 3, "sinks": 0}
+CASES = [
+    pytest.param(1, 2, 2, 130, 16, {}, id="N130"),
+    pytest.param(2, 6, 2, 200, 16, {"sinks": 40, "query_groups": 4}, id="B2-GQA3-sinks40"),
+    pytest.param(
+        1, 3, 1, 257, 32, {"query_block": 64, "window": 64, "select_topk": 2}, id="MQA-qb64-N257"
+    ),
+    pytest.param(1, 2, 1, 230, 16, {"select_mass": 0.6, "select_min": 1}, id="adaptive"),
+    pytest.param(1, 2, 2, 190, 16, {"select_mass": 1.0, "select_topk": 9}, id="adaptive-all"),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("batch,hq,hkv,n,dim,extra", CASES)
+def test_select_equals_dense_mask_of_its_definition(batch, hq, hkv, n, dim, extra, causal):
+    cfg = HyperConfig(method="select", **{**BASE, **extra})
+    q, k, v = qkv(batch, hq, hkv, n, dim)
+    out, lse = hyper_attention_reference(q, k, v, is_causal=causal, config=cfg)
+    mask = dense_select_mask(q, k, cfg, causal)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=hq != hkv)
+    torch.testing.assert_close(out, want, **FP32)
+    scores = q @ k.repeat_interleave(hq // hkv, 1).mT / math.sqrt(dim)
+    torch.testing.assert_close(
+        lse, torch.logsumexp(scores.masked_fill(~mask, -math.inf), -1), **FP32
+    )
+
+
+def test_adaptive_budget_spends_where_the_mass_is():
+    """A higher mass target never selects fewer blocks; the budget stays in [min, topk]."""
+    q, k, v = qkv(1, 2, 2, 320, 16, seed=3)
+    counts = []
+    for share in (0.3, 0.7, 0.95):
+        cfg = HyperConfig(method="select", **{**BASE, "select_topk": 6, "select_min": 1},
+                          select_mass=share)  # fmt: skip
+        counts.append(dense_select_mask(q, k, cfg, True).sum().item())
+    assert counts == sorted(counts) and counts[0] < counts[-1]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_select_is_exact_when_the_window_or_the_blocks_cover_every_key(causal):
+    q, k, v = qkv(2, 4, 2, 150, 16)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    for cfg in (
+        HyperConfig(method="select", window=160),
+        HyperConfig(method="select", window=32, select_block=32, query_block=32, select_topk=5),
+    ):
+        out, _ = hyper_attention_reference(q, k, v, is_causal=causal, config=cfg)
+        torch.testing.assert_close(out, want, **FP32)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_select_gradients_through_the_op(causal):
+    cfg = HyperConfig(
+        min_len=16, method="select", window=16, select_block=16, query_block=16,
+        query_groups=2, select_topk=1, sinks=2,
+    )  # fmt: skip
+    q, k, v = (t.double().requires_grad_() for t in qkv(1, 2, 1, 50, 8))
+    fn = lambda q, k, v: hyper_attention(q, k, v, is_causal=causal, enable_gqa=True, config=cfg)
+    assert torch.autograd.gradcheck(fn, (q, k, v), atol=1e-6, rtol=1e-4, fast_mode=True)
+
+
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"window": 8, "query_block": 16}, "window >= query_block"),
+        ({"window": 64, "query_block": 32, "query_groups": 3}, "must divide"),
+        ({"window": 64, "query_block": 24}, "multiples of 16"),
+        ({"window": 256, "select_topk": 0}, "select_topk"),
+        ({"window": 256, "sample_size": 64}, "sample_size applies to method='hyper'"),
+        ({"window": 256, "select_mass": 1.5}, "select_mass"),
+        ({"window": 256, "select_min": 20, "select_topk": 4}, "select_min"),
+    ],
+)
+def test_select_parameters_are_validated(params, message):
+    with pytest.raises(ValueError, match=message):
+        HyperConfig(method="select", **params)

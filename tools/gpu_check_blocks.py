@@ -1,0 +1,155 @@
+"""GPU correctness of the block methods (``select``, the patterns): FlexAttention and the
+selection kernel against the reference (not a test: needs a CUDA GPU).
+
+select: (1) the kernel's block lists against the reference's selection (with the group means
+rounded to the inputs' dtype, as the GPU ranks): share of tiles whose set differs; (2) the op's
+output and gradients against the reference computed over the *kernel's* lists in fp64, next to
+the bf16 reference's own error (``gpu_check.compare``). Patterns: the op against the reference.
+
+    python tools/gpu_check_blocks.py --out $OUT/gpu_check_blocks.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+
+import torch
+
+import hyperpass
+from hyperpass.config import DEFAULT
+from hyperpass.kernels.select_blocks import select_block_lists
+from hyperpass.reference import hyper_attention_reference
+from hyperpass.reference.select import block_sparse_attention, select_block_mask
+from tools.gpu_check import compare
+
+
+def _dense(part_num, part_idx, full_num, full_idx, n_blocks) -> torch.Tensor:
+    cols = torch.arange(n_blocks, device=full_idx.device)
+    dense = torch.zeros(*full_num.shape, n_blocks + 1, dtype=torch.bool, device=full_idx.device)
+    for num, idx in ((full_num, full_idx), (part_num, part_idx)):
+        ok = cols[: idx.shape[-1]] < num[..., None]
+        ids = torch.where(ok, idx[..., :n_blocks].long(), n_blocks)
+        dense.scatter_(-1, ids, True)
+    return dense[..., :n_blocks]
+
+
+def select_case(batch, q_heads, kv_heads, n, dim, causal, params, grads=True) -> dict:
+    cfg = DEFAULT.replace(min_len=1, **params)
+    gen = torch.Generator(device="cuda").manual_seed(n + dim)
+    shape_q, shape_k = (batch, q_heads, n, dim), (batch, kv_heads, n, dim)
+    q = torch.randn(shape_q, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(shape_k, device="cuda", generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(shape_k, device="cuda", generator=gen, dtype=torch.bfloat16)
+    g = torch.randn(shape_q, device="cuda", generator=gen, dtype=torch.bfloat16)
+    scale = dim**-0.5
+    group = q_heads // kv_heads
+    lists = select_block_lists(q, k, scale, cfg, causal)
+    n_kb = -(-n // cfg.select_block)
+    mine = _dense(*lists, n_kb)  # [B, Hq, n_tiles, n_blocks]
+    scaled = (q.float() * scale).view(batch, kv_heads, group, n, dim)
+    ref_sel = select_block_mask(scaled, k.float(), cfg, causal, rep_dtype=q.dtype)
+    ref_sel = ref_sel.reshape(mine.shape)
+    row = {
+        "case": f"select {params} B{batch} H{q_heads}/{kv_heads} n{n} d{dim} causal={causal}",
+        "tiles_differing": (mine != ref_sel).any(-1).float().mean().item(),
+        "blocks_per_tile": mine.sum(-1).float().mean().item(),
+    }
+    blocks = mine.view(batch, kv_heads, group, *mine.shape[2:])
+
+    def reference(*tensors, dtype):
+        qq, kk, vv = (t.to(dtype) for t in tensors)
+        qs = (qq * scale).view(batch, kv_heads, group, n, dim)
+        out, _ = block_sparse_attention(qs, kk, vv, blocks, cfg.query_block, cfg.select_block,
+                                        causal)  # fmt: skip
+        return out.reshape(shape_q)
+
+    inputs = [t.detach().requires_grad_(grads) for t in (q, k, v)]
+    out = hyperpass.hyper_attention(*inputs, is_causal=causal, enable_gqa=True, config=cfg)
+    oracle_in = [t.detach().double().requires_grad_(grads) for t in (q, k, v)]
+    low_in = [t.detach().float().requires_grad_(grads) for t in (q, k, v)]
+    oracle = reference(*oracle_in, dtype=torch.float64)
+    low = reference(*low_in, dtype=torch.float32).to(q.dtype)
+    checks = [compare("out", out, low, oracle)]
+    if grads:
+        got = torch.autograd.grad(out, inputs, g)
+        want = torch.autograd.grad(oracle, oracle_in, g.double())
+        ref_low = torch.autograd.grad(low.float(), low_in, g.float())
+        for name, a, lo, hi in zip(("dq", "dk", "dv"), got, ref_low, want, strict=True):
+            checks.append(compare(name, a, lo.to(a.dtype), hi))
+    row["checks"] = checks
+    row["ok"] = all(c["ok"] for c in checks) and row["tiles_differing"] < 0.02
+    return row
+
+
+def pattern_case(batch, q_heads, kv_heads, n, dim, causal, params, grads=True) -> dict:
+    cfg = DEFAULT.replace(min_len=1, **params)
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    shape_q, shape_k = (batch, q_heads, n, dim), (batch, kv_heads, n, dim)
+    q, k, v = (torch.randn(s, device="cuda", generator=gen, dtype=torch.bfloat16)
+               for s in (shape_q, shape_k, shape_k))  # fmt: skip
+    g = torch.randn(shape_q, device="cuda", generator=gen, dtype=torch.bfloat16)
+    inputs = [t.detach().requires_grad_(grads) for t in (q, k, v)]
+    out = hyperpass.hyper_attention(*inputs, is_causal=causal, enable_gqa=True, config=cfg)
+    oracle_in = [t.detach().double().requires_grad_(grads) for t in (q, k, v)]
+    low_in = [t.detach().float().requires_grad_(grads) for t in (q, k, v)]
+    oracle, _ = hyper_attention_reference(*oracle_in, is_causal=causal, config=cfg)
+    low, _ = hyper_attention_reference(*low_in, is_causal=causal, config=cfg)
+    checks = [compare("out", out, low.to(q.dtype), oracle)]
+    if grads:
+        got = torch.autograd.grad(out, inputs, g)
+        want = torch.autograd.grad(oracle, oracle_in, g.double())
+        ref_low = torch.autograd.grad(low, low_in, g.float())
+        for name, a, lo, hi in zip(("dq", "dk", "dv"), got, ref_low, want, strict=True):
+            checks.append(compare(name, a, lo.to(a.dtype), hi))
+    return {"case": f"{params} B{batch} H{q_heads}/{kv_heads} n{n} d{dim} causal={causal}",
+            "checks": checks, "ok": all(c["ok"] for c in checks)}  # fmt: skip
+
+
+def cases(quick: bool):
+    n_small, n_big = 4096 + 77, 16384
+    yield select_case, (1, 4, 4, n_small, 64, True, {})
+    yield select_case, (1, 8, 2, n_small, 128, False, {})
+    yield select_case, (1, 4, 1, n_small, 64, True, {"select_mass": 0.9, "select_min": 2})
+    yield pattern_case, (1, 4, 2, n_small, 64, True, {"method": "longformer", "window": 1024})
+    yield pattern_case, (1, 2, 2, n_small, 128, False, {"method": "dilated", "window": 512,
+                                                        "dilation": 2})  # fmt: skip
+    if quick:
+        return
+    yield select_case, (1, 12, 12, n_big, 64, True, {})
+    yield select_case, (2, 8, 2, n_big, 128, True, {"select_block": 128})
+    yield select_case, (1, 4, 1, n_big, 256, True, {})  # Gemma 3's head dim
+    yield pattern_case, (1, 8, 2, n_big, 128, True, {"method": "longformer", "window": 2048})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    rows, failed = [], 0
+    for fn, case in cases(args.quick):
+        start = time.time()
+        try:
+            row = fn(*case)
+        except Exception as err:  # noqa: BLE001 - record and go on
+            row = {"case": repr(case), "ok": False, "error": traceback.format_exc()[-2000:]}
+            print(err, file=sys.stderr)
+        row["seconds"] = round(time.time() - start, 1)
+        failed += not row["ok"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "rows": rows}, f, indent=1)  # fmt: skip
+        torch.cuda.empty_cache()
+    print("ALL OK" if not failed else f"{failed} FAILED")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
