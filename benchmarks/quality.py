@@ -224,17 +224,17 @@ def keys_per_query(params: dict | None, n: int) -> float:
 
 
 def _select_work(cfg: HyperConfig, n: int) -> float:
-    """``method="select"``, causal: local span up to the query, sinks outside it, and up to
-    ``select_topk`` whole candidate blocks (those wholly before the span, not wholly sinks)."""
+    """``method="select"``, causal: the local blocks up to the query, the sink blocks outside
+    them, and up to ``select_topk`` whole candidate blocks (the adaptive budget: its cap)."""
     q_pos = np.arange(n)
+    kb = cfg.select_block
     start = (q_pos // cfg.query_block) * cfg.query_block
-    lo = (
-        np.maximum(start + cfg.query_block - cfg.window, 0) // cfg.select_block
-    ) * cfg.select_block
+    lo = (np.maximum(start + cfg.query_block - cfg.window, 0) // kb) * kb
     local = q_pos - lo + 1
-    sinks = np.minimum(cfg.sinks, lo)
-    candidates = np.maximum(lo // cfg.select_block - cfg.sinks // cfg.select_block, 0)
-    selected = np.minimum(candidates, cfg.select_topk) * cfg.select_block
+    sink_blocks = -(-cfg.sinks // kb)
+    sinks = np.minimum(sink_blocks * kb, lo)
+    candidates = np.maximum(lo // kb - sink_blocks, 0)
+    selected = np.minimum(candidates, cfg.select_topk) * kb
     return float((local + sinks + selected).mean())
 
 
@@ -391,10 +391,15 @@ def run(args) -> None:
         with router.active():
             for text, ids in texts.items():
                 row[f"ppl_{text}"] = perplexity(model, ids)
+                print(f"  {name}: perplexity on {text}: {row[f'ppl_{text}']:.3f} "
+                      f"({time.time() - t1:.0f} s)", flush=True)  # fmt: skip
             scores = {}
-            for p in passkeys:
+            for i, p in enumerate(passkeys):
                 ids = p["ids"].to(device)
                 scores[str(p["depth"])] = passkey_score(model, ids, p["answer_len"])
+                print(f"  {name}: passkey {i + 1}/{len(passkeys)} at depth {p['depth']}: "
+                      f"{scores[str(p['depth'])]:.0%} ({time.time() - t1:.0f} s)",
+                      flush=True)  # fmt: skip
             row["passkey"] = scores
             row["passkey_mean"] = float(np.mean(list(scores.values())))
         if captured is not None and params is not None:
