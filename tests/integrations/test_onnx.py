@@ -239,3 +239,48 @@ def test_patched_model_with_default_dynamic_shapes(tmp_path):
         x = torch.randn(3, n, 32)
         (out,) = _run(path, x)
         torch.testing.assert_close(out, model(x))  # the un-patched model: exact attention
+
+
+def test_hugging_face_model_exports_exact_and_says_why(tmp_path, caplog):
+    """A tiny HF Llama (attn_implementation="hyperpass", or patched): under export transformers
+    adds a packed-sequence term to the causal mask it cannot drop, so the calls stay SDPA with
+    the mask, the export warns and names them, and ORT computes the model's exact logits."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_hidden_layers=2, vocab_size=100,
+    )  # fmt: skip
+    hyperpass.register_hf("hyperpass-onnx-test", **SMALL_HYPER)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(
+        config, attn_implementation="hyperpass-onnx-test"
+    ).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(ids, use_cache=False).logits
+
+    path = tmp_path / "hf.onnx"
+    with caplog.at_level("WARNING", logger="hyperpass"):
+        hyperpass_onnx.export(Logits(model), (torch.randint(0, 100, (1, 40)),), path)
+    assert "no HyperAttention node" in caplog.text and "scaled_dot_product" in caplog.text
+    assert not _nodes(onnx.load(path))
+    ids = torch.randint(0, 100, (1, 24))
+    (out,) = _run(path, ids)
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+
+    caplog.clear()
+    patched = Logits(model)
+    hyperpass.patch(patched, **SMALL_HYPER)
+    try:
+        with caplog.at_level("WARNING", logger="hyperpass"):
+            hyperpass_onnx.export(patched, (torch.randint(0, 100, (1, 40)),), tmp_path / "p.onnx")
+    finally:
+        hyperpass.unpatch(patched)
+    assert "no HyperAttention node" in caplog.text

@@ -242,6 +242,15 @@ def export(model, args, path, *, dynamic_shapes=None, **export_kwargs):
     with torch.no_grad():
         program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
     sites = _keep_exact_calls(program)
+    sdpa = [n.name for n in program.graph.nodes if n.op == "call_function" and n.target is _SDPA_OP]
+    if sdpa and not sites:
+        log.warning(
+            "hyperpass.onnx: no HyperAttention node: %d attention call(s) (%s) stay exact "
+            "scaled_dot_product_attention, with a mask or not routed to the op. Hugging Face "
+            "models build their causal mask with a packed-sequence term under export, which "
+            "cannot be dropped: their calls stay exact",
+            len(sdpa), ", ".join(sdpa[:4]),
+        )  # fmt: skip
     table = {**export_kwargs.pop("custom_translation_table", {}), **translation_table()}
     export_kwargs.setdefault("verbose", False)
     onnx_program = torch.onnx.export(
