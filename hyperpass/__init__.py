@@ -14,9 +14,13 @@ The compiler, patching and export helpers load on first use.
 """
 
 import importlib as _importlib
+import sys as _sys
 
 from hyperpass.config import HyperConfig
 from hyperpass.op import hyper_attention
+
+if "torch.distributed.tensor" in _sys.modules:  # DTensor in use: the op's sharding rules
+    _importlib.import_module("hyperpass.integrations.distributed")
 
 __version__ = "0.2.0"
 
@@ -34,6 +38,7 @@ _MODULES = {
     "tensorrt": "hyperpass.integrations.tensorrt",
     "hf": "hyperpass.integrations.hf",
     "patching": "hyperpass.integrations.patching",
+    "distributed": "hyperpass.integrations.distributed",
     "kernels": "hyperpass.kernels",
     "reference": "hyperpass.reference",
     "compiler": "hyperpass.compiler",
