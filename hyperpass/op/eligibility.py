@@ -36,6 +36,11 @@ def structural_reason(
     """What makes a call exact whatever its length: a mask, dropout, shapes or dtypes the
     approximation does not take. ``q``/``k``/``v`` are tensors (real or fake)."""
     del is_causal
+    if _sequence_sharded(q) or _sequence_sharded(k):
+        return Reason(
+            "context_parallel",
+            "q/k/v sharded on the sequence (context parallel): SDPA's ring attention serves it",
+        )
     if has_mask:
         return Reason("mask", "attention mask the approximation cannot serve")
     if not (isinstance(dropout_p, int | float) and dropout_p == 0):
@@ -52,6 +57,16 @@ def structural_reason(
     if hq is not None and hkv is not None and hq != hkv and (not enable_gqa or hq % hkv):
         return Reason("heads", "query heads do not match KV heads (and enable_gqa is off)")
     return None
+
+
+def _sequence_sharded(t) -> bool:
+    """A DTensor sharded on its sequence dim (context parallelism), read without importing
+    torch.distributed."""
+    placements = getattr(t, "placements", None)
+    if not placements:
+        return False
+    dims = {getattr(p, "dim", None) for p in placements if getattr(p, "is_shard", lambda: False)()}
+    return bool(dims & {t.dim() - 2, -2})
 
 
 def _dims(t) -> list:

@@ -102,6 +102,34 @@ def test_dtensor_shards_compute_the_single_process_result(tmp_path, params, dim,
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def _sequence_sharded(mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from hyperpass.op.eligibility import skip_reason
+
+    q, k, v, _ = _inputs()
+    tensors = [distribute_tensor(t, mesh, [Shard(2)]) for t in (q, k, v)]
+    cfg = hyperpass.HyperConfig(**SELECT)
+    reason = skip_reason(*tensors, None, 0.0, True, True, cfg)
+    errors = []
+    for fn in (torch.nn.functional.scaled_dot_product_attention, hyperpass.hyper_attention):
+        kwargs = SELECT if fn is hyperpass.hyper_attention else {}
+        try:  # on CPUs DTensor has no sequence-sharded SDPA: both must fail the same way
+            fn(*tensors, is_causal=True, enable_gqa=True, **kwargs)
+            errors.append(None)
+        except NotImplementedError as err:
+            errors.append(str(err))
+    return {"code": reason.code, "errors": errors}
+
+
+def test_sequence_sharded_inputs_are_left_to_sdpa(tmp_path):
+    """Context parallelism shards the sequence and swaps SDPA for ring attention: the op stays
+    out of its way (exact, with a reason) and does what SDPA does with such inputs."""
+    for r in _spawn(_sequence_sharded, tmp_path):
+        assert r["code"] == "context_parallel"
+        assert r["errors"][0] == r["errors"][1]
+
+
 class _Attention(nn.Module):
     """One attention layer as models write it: q/k/v projections, SDPA, output projection."""
 
