@@ -28,6 +28,7 @@ from torch import fx
 
 from hyperpass.compiler.fx_utils import meta_of, same_size
 from hyperpass.compiler.masks.interpreter import Interpreter
+from hyperpass.compiler.masks.mutation import edited_in_place
 from hyperpass.compiler.masks.values import (
     MASKED_AT_OR_BELOW,
     ONE,
@@ -62,6 +63,8 @@ def classify_mask(mask: fx.Node | None, n_q, n_k, *, boolean: bool | None = None
     """
     if mask is None:
         return MaskInfo("none", "no mask")
+    if isinstance(mask, fx.Node) and (edit := edited_in_place(mask)) is not None:
+        return MaskInfo("arbitrary", f"mask edited in place ({edit.name})")
     value = Interpreter().eval(mask)
     if boolean is None:
         meta = meta_of(mask)
@@ -165,6 +168,8 @@ def _classify_one(m: AppliedMask, n_q, n_k) -> MaskInfo:
     meta = meta_of(m.node)
     if not isinstance(m.node, fx.Node) or meta is None:
         return MaskInfo("arbitrary", "mask is not a tensor in the graph")
+    if (edit := edited_in_place(m.node)) is not None:
+        return MaskInfo("arbitrary", f"mask edited in place ({edit.name})")
     interp = Interpreter()
     if m.how == "add":
         if meta.dtype == torch.bool:
