@@ -41,8 +41,10 @@ def _is_mutation(user: fx.Node, of: fx.Node) -> bool:
     if user.op == "call_method":
         name = user.target
         in_place_dunder = name.startswith("__i") and name.endswith("__")  # __iand__, __iadd__
-        return name == "__setitem__" or in_place_dunder or (
-            name.endswith("_") and not name.endswith("__")
+        return (
+            name == "__setitem__"
+            or in_place_dunder
+            or (name.endswith("_") and not name.endswith("__"))
         )
     if user.op == "call_function":
         if user.target in _MUTATING_FUNCTIONS:
