@@ -4,10 +4,12 @@ against eager Hugging Face and plain ``torch.compile`` (needs CUDA and transform
 The model: ``LlamaForCausalLM`` with Llama-3.1-8B's shapes (hidden 4096, 32 query / 8 KV heads,
 head dim 128, MLP 14336, vocabulary 128256) and ``--layers`` decoder layers, bf16,
 ``attn_implementation="sdpa"``; one sequence of ``n`` random tokens, ``use_cache=False``, no
-gradients. Rows: ``eager`` (the model as is), ``compile`` (``torch.compile(model)``),
-``hyperpass`` (``torch.compile(model, backend=hyperpass.backend())``: the defaults, the measured
-break-even included). Each: median wall time of the forward over a few calls after warm-up,
-peak memory, and the backend's rewritten-site count.
+gradients; ``--logits-to-keep 1`` computes the last position's logits only, as ``generate()``
+prefills (the LM head over every position is a third of the model's time at 128k). Rows:
+``eager`` (the model as is), ``compile`` (``torch.compile(model)``), ``hyperpass``
+(``torch.compile(model, backend=hyperpass.backend())``: the defaults, the measured break-even
+included). Each: median wall time of the forward over a few calls after warm-up, peak memory,
+and the backend's rewritten-site count.
 
     python benchmarks/bench_prefill.py --out $OUT/prefill.json [--lengths 32768 131072]
 """
@@ -56,6 +58,9 @@ def main() -> int:
     parser.add_argument("--lengths", nargs="+", type=int, default=[32768, 131072])
     parser.add_argument("--rows", default="eager,compile,hyperpass")
     parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--logits-to-keep", type=int, default=0,
+                        help="0: logits at every position; 1: the last one, as generate() "
+                             "prefills")  # fmt: skip
     args = parser.parse_args()
 
     import torch
@@ -64,7 +69,9 @@ def main() -> int:
 
     model = build(args.layers)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "layers": args.layers, "rows": []}  # fmt: skip
+              "layers": args.layers, "logits_to_keep": args.logits_to_keep,
+              "rows": []}  # fmt: skip
+    call_kwargs = {"use_cache": False, "logits_to_keep": args.logits_to_keep}
     for n in args.lengths:
         ids = torch.randint(0, 128256, (1, n), device="cuda")
         for name in args.rows.split(","):
@@ -79,11 +86,11 @@ def main() -> int:
                     fn = torch.compile(model, backend=backend, dynamic=False)
                 with torch.no_grad():
                     start = time.perf_counter()
-                    fn(ids, use_cache=False)  # compile / warm up
+                    fn(ids, **call_kwargs)  # compile / warm up
                     torch.cuda.synchronize()
                     row["first_call_s"] = round(time.perf_counter() - start, 1)
                     torch.cuda.reset_peak_memory_stats()
-                    call = lambda fn=fn, ids=ids: fn(ids, use_cache=False)  # noqa: E731
+                    call = lambda fn=fn, ids=ids: fn(ids, **call_kwargs)  # noqa: E731
                     row["ms"] = round(timed(call, args.calls), 1)
                     row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 if backend is not None:

@@ -140,7 +140,8 @@ class HyperConfig:
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        # not dataclasses.asdict: its deepcopy of each field breaks Dynamo's graph on torch 2.11
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def _check(f: dataclasses.Field, value) -> None:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from hyperpass.config import HyperConfig
 from hyperpass.kernels.host import cdiv
+from hyperpass.kernels.query_major import query_major_lists
 
 log = logging.getLogger("hyperpass")
 
@@ -119,12 +120,16 @@ def _ordered(dense: Tensor) -> tuple[Tensor, Tensor]:
 def block_mask_from_lists(part_num, part_idx, full_num, full_idx, nq, nk, qb, kb, mask_mod,
                           backward: bool):  # fmt: skip
     """A BlockMask of per-tile lists ([B, H, n_tiles, n_blocks] int32, ids up to the counts);
-    ``backward`` adds the query-major lists FlexAttention's backward reads."""
+    ``backward`` adds the query-major lists FlexAttention's backward reads (``query_major``:
+    no sort, unlike ``BlockMask.from_kv_blocks``)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    return BlockMask.from_kv_blocks(
-        part_num, part_idx, full_num, full_idx, BLOCK_SIZE=(qb, kb), mask_mod=mask_mod,
-        seq_lengths=(nq, nk), compute_q_blocks=backward,
+    q_lists = (None,) * 4
+    if backward:
+        q_lists = query_major_lists(part_num, part_idx, full_num, full_idx, cdiv(nk, kb))
+    return BlockMask(
+        (nq, nk), part_num, part_idx, full_num, full_idx, q_lists[0], q_lists[1], q_lists[2],
+        q_lists[3], BLOCK_SIZE=(qb, kb), mask_mod=mask_mod,
     )  # fmt: skip
 
 
@@ -162,8 +167,17 @@ def pattern_block_mask(nq: int, nk: int, window: int, dilation: int, sinks: int,
 
 
 # ----------------------------------------------------------------------------- entry points
-def _kernel_options(kb: int) -> dict | None:
-    return {"fwd_BLOCK_N": kb, "bwd_BLOCK_N1": kb, "bwd_BLOCK_M2": kb} if kb < 128 else None
+def _kernel_options(config: HyperConfig, head_dim: int) -> dict | None:
+    """FlexAttention's tiles for select's lists. Head dims <= 64 and query tiles of 128: forward
+    tiles of 128 x 64 with 4 warps (H200, ``tools/profile_select.py``: 13% faster at 32k-128k
+    than FlexAttention's choice; no gain at head dim 128). Key blocks below 128 need tiles that
+    divide them."""
+    kb, options = config.select_block, {}
+    if head_dim <= 64 and config.query_block % 128 == 0 and kb % 64 == 0:
+        options.update(fwd_BLOCK_M=128, fwd_BLOCK_N=64, fwd_num_stages=3, fwd_num_warps=4)
+    if kb < 128:
+        options.update(fwd_BLOCK_N=kb, bwd_BLOCK_N1=kb, bwd_BLOCK_M2=kb)
+    return options or None
 
 
 def select_forward(q, k, v, *, is_causal: bool, scale: float | None, config: HyperConfig):
@@ -178,7 +192,7 @@ def select_forward(q, k, v, *, is_causal: bool, scale: float | None, config: Hyp
         causal_mod() if is_causal else no_mask_mod(), backward,
     )  # fmt: skip
     gqa = q.shape[1] != k.shape[1]
-    out = _flex(q, k, v, mask, scale, gqa, _kernel_options(config.select_block), True)
+    out = _flex(q, k, v, mask, scale, gqa, _kernel_options(config, q.shape[-1]), True)
     return (_reference(q, k, v, is_causal, scale, config) if out is None else out), None
 
 

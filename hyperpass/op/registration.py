@@ -184,7 +184,10 @@ def hyper_attention(
         ValueError: a parameter out of range (the message names it).
         TypeError: an unknown parameter name.
     """
-    values = _param_values(config or _config.DEFAULT, tuple(sorted(params.items())))
+    overrides = tuple(sorted(params.items()))
+    # no config object crosses into Dynamo's constant function where none was given: torch 2.11
+    # cannot reconstruct a frozen dataclass there
+    values = _param_values(config, overrides) if config is not None else _default_values(overrides)
     if not torch.compiler.is_compiling():  # eager: an exact call skips the op's dispatch
         cfg = signature.config_of(values)
         reason = skip_reason(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg)
@@ -197,6 +200,11 @@ def hyper_attention(
 def _param_values(config: HyperConfig, overrides: tuple) -> tuple:
     """The op's parameter arguments, validated; a compile-time constant under Dynamo."""
     return _validated_values(config, overrides)
+
+
+@torch.compiler.assume_constant_result
+def _default_values(overrides: tuple) -> tuple:
+    return _validated_values(_config.DEFAULT, overrides)
 
 
 @functools.lru_cache(maxsize=256)

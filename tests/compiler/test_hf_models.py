@@ -85,15 +85,25 @@ def _output(out):
     return logits if logits is not None else out.last_hidden_state
 
 
+def _call_kwargs(arch: str, use_cache: bool) -> dict:
+    return {} if arch in ENCODERS else {"use_cache": use_cache}
+
+
+# use_cache=False is how perplexity evaluation, training and prefill-only code call a model; HF
+# builds a different mask on each path (and differently per transformers version)
+@pytest.mark.parametrize("use_cache", [False, True])
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_hf_sites_rewritten_and_exact_limit_matches(arch, impl):
+def test_hf_sites_rewritten_and_exact_limit_matches(arch, impl, use_cache):
+    if use_cache and arch in ENCODERS:
+        pytest.skip("encoders have no cache")
     model = _model(arch, impl)
     reference = copy.deepcopy(model)
     ids = _ids()
+    kw = _call_kwargs(arch, use_cache)
     be = hyperpass.backend(min_len=16, inner="aot_eager", **EXACT)
-    out = _output(torch.compile(model, backend=be, fullgraph=True)(ids, use_cache=False))
-    ref = _output(reference(ids, use_cache=False))
+    out = _output(torch.compile(model, backend=be, fullgraph=True)(ids, **kw))
+    ref = _output(reference(ids, **kw))
 
     assert len(be.reports) == N_LAYERS
     assert all(r.decision == "rewritten" for r in be.reports), be.reports
@@ -136,14 +146,17 @@ def test_hf_below_min_len_matches_plain_compile(arch):
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    ("arch", "code"), [("llama", "mask:causal+padding"), ("bert", "mask:padding")]
-)
-def test_hf_padding_mask_stays_exact(arch, code):
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hf_padding_mask_stays_exact(arch, side):
+    code = "mask:padding" if arch in ENCODERS else "mask:causal+padding"
     model = _model(arch, "sdpa")
     ids = _ids()
     keep = torch.ones_like(ids)
-    keep[1, :5] = 0
+    if side == "left":
+        keep[1, :5] = 0
+    else:
+        keep[1, -5:] = 0
     be = hyperpass.backend(min_len=16, inner="aot_eager")
     with torch.no_grad():
         out = _output(torch.compile(model, backend=be, fullgraph=True)(ids, attention_mask=keep))
@@ -170,3 +183,35 @@ def test_hf_dynamic_lengths_one_compilation():
     # float attributes, without hyperpass too; each trace reports its sites)
     assert {r.code for r in be.reports} == {"rewritten"}
     assert len(be.reports) % N_LAYERS == 0
+
+
+def _gemma3(impl: str):
+    """Gemma 3's structure at toy size: 5 sliding-window layers to 1 global, one KV head, dual
+    RoPE; its sliding window (16) is shorter than the sequence, so those layers stay exact."""
+    config = transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=8, sliding_window=16,
+        max_position_embeddings=128,
+    )  # fmt: skip
+    config._attn_implementation = impl
+    torch.manual_seed(0)
+    return transformers.Gemma3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_gemma3_global_layers_rewritten_sliding_layers_exact(impl, use_cache):
+    if not hasattr(transformers, "Gemma3ForCausalLM"):
+        pytest.skip("this transformers has no Gemma 3")
+    model = _gemma3(impl)
+    ids = _ids()
+    be = hyperpass.backend(min_len=16, inner="aot_eager", **EXACT)
+    with torch.no_grad():
+        out = torch.compile(model, backend=be, fullgraph=True)(ids, use_cache=use_cache).logits
+        ref = model(ids, use_cache=use_cache).logits
+    kinds = model.config.layer_types
+    assert len(be.reports) == len(kinds)
+    for report, kind in zip(be.reports, kinds, strict=True):
+        want = "rewritten" if kind == "full_attention" else "mask:sliding-window"
+        assert report.code == want, (report.module, report.reason)
+    torch.testing.assert_close(out, ref)

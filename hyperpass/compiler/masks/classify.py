@@ -121,6 +121,9 @@ def _canonical(form: Lin):
         if isinstance(const, int) and const <= 0:
             return None
         return "false" if isinstance(const, int) else form
+    positions = all(isinstance(k, tuple) and k[0] == "ax" for k in d)
+    if positions and isinstance(const, int) and const <= 0 and all(c <= 0 for c in d.values()):
+        return None  # positions are >= 0: HF 5.17's bidirectional mask is ``q_idx >= 0``
     g = reduce(math.gcd, [abs(c) for c in d.values()])
     if g > 1 and isinstance(const, int):
         # integer positions: sum(c*x) <= -const  <=>  sum(c/g*x) <= floor(-const/g)

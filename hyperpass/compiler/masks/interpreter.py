@@ -48,7 +48,8 @@ _CMP = {
     operator.eq: "eq", operator.ne: "ne", torch.le: "le", torch.lt: "lt", torch.ge: "ge",
     torch.gt: "gt", torch.eq: "eq", torch.ne: "ne",
 }  # fmt: skip
-_CMP_METHODS = {"le", "lt", "ge", "gt", "eq", "ne", "__le__", "__lt__", "__ge__", "__gt__"}
+_CMP_METHODS = {"le", "lt", "ge", "gt", "eq", "ne"}
+_CMP_METHODS |= {f"__{name}__" for name in _CMP_METHODS}  # HF 5.17 writes ``a.__eq__(b)``
 _ARITH = {
     operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
     torch.add: "add", torch.sub: "sub", torch.mul: "mul", torch.div: "div",
