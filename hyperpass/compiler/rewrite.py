@@ -25,17 +25,24 @@ import logging
 import operator
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx
 
 from hyperpass.compiler.fx_utils import emit, meta_of
 from hyperpass.compiler.gqa import unwrap_repeat_kv
 from hyperpass.compiler.handwritten import FailedMatch, match_handwritten
 from hyperpass.compiler.masks import MaskInfo
+from hyperpass.compiler.masks.values import MASKED_AT_OR_BELOW
 from hyperpass.compiler.report import COUNTERS, SiteReport, log_reports
 from hyperpass.compiler.sites import SDPA_TARGETS, Site, module_path, sdpa_site
 from hyperpass.config import HyperConfig
 from hyperpass.op import hyper_attention_op
-from hyperpass.op.eligibility import length_reason, structural_reason, work_per_token
+from hyperpass.op.eligibility import (
+    key_mask_reason,
+    length_reason,
+    structural_reason,
+    work_per_token,
+)
 from hyperpass.op.signature import op_args
 from hyperpass.selection import layer_index, path_matches
 
@@ -131,7 +138,8 @@ def decide(site: Site, cfg: HyperConfig, selected: bool) -> tuple[str, str]:
         return "not_selected", "module path not selected (layers / last_n_layers)"
     if site.exact_reason is not None:
         return site.exact_reason
-    if site.mask.kind not in ("none", "causal"):
+    key_padding = _key_padding(site)
+    if site.mask.kind not in ("none", "causal") and not key_padding:
         return f"mask:{site.mask.kind}", site.mask.reason
     mq, mk, mv = meta_of(site.q), meta_of(site.k), meta_of(site.v)
     if mq is None or mk is None or mv is None:
@@ -141,17 +149,42 @@ def decide(site: Site, cfg: HyperConfig, selected: bool) -> tuple[str, str]:
         return "not_4d", f"q/k/v are not {ndim}-D"
     lift = site.unsqueeze_batch
     q, k, v = _Shaped(mq, lift), _Shaped(mk, lift, site.k_transposed), _Shaped(mv, lift)
-    is_causal = site.is_causal or site.mask.kind == "causal"
+    is_causal = _is_causal(site)
     reason = structural_reason(
         q, k, v, has_mask=False, dropout_p=site.dropout_p, is_causal=is_causal,
         enable_gqa=bool(site.enable_gqa),
-    ) or length_reason(
+    ) or (key_padding and _key_mask_reason(site, q, k, cfg)) or length_reason(
         q.shape[-2], k.shape[-2], is_causal, cfg, q.device, work_per_token(q)
     )  # fmt: skip
     if reason is not None:
         return reason
     dynamic = not (isinstance(q.shape[-2], int) and isinstance(k.shape[-2], int))
     return "", "symbolic length: the op decides at run time" if dynamic else "long enough"
+
+
+def _key_padding(site: Site) -> bool:
+    """The site's SDPA mask is proven (causal and) key padding: the op takes its last row."""
+    return site.form == "sdpa" and site.mask.keys_only and isinstance(site.mask_node, fx.Node)
+
+
+def _is_causal(site: Site) -> bool:
+    return bool(site.is_causal or site.mask.kind in ("causal", "causal+padding"))
+
+
+def _key_mask_reason(site: Site, q, k, cfg: HyperConfig) -> tuple[str, str] | None:
+    """Why the op cannot take the site's proven key-padding mask (the method), with the
+    mask's kind as the code."""
+    reason = key_mask_reason(_KeyMask(q, k), q, k, cfg)
+    if reason is None:
+        return None
+    return f"mask:{site.mask.kind}", f"{site.mask.reason}; {reason.words}"
+
+
+class _KeyMask:
+    """The key mask the op would get ([B, 1, 1, Nk] bool), for the eligibility rule."""
+
+    def __init__(self, q, k):
+        self.shape, self.dtype = (q.shape[0], 1, 1, k.shape[-2]), torch.bool
 
 
 # ----------------------------------------------------------------------------- rewrite
@@ -194,7 +227,7 @@ def rewrite_graph(
             k_shape=_shape(meta_of(k)),
             v_shape=_shape(meta_of(v)),
             mask=site.mask.kind,
-            is_causal=bool(site.is_causal or site.mask.kind == "causal"),
+            is_causal=_is_causal(site),
             gqa=gqa,
             decision="exact" if code else "rewritten",
             code=code or "rewritten",
@@ -250,7 +283,9 @@ def _replace(gm, site: Site, k, v, gqa: bool, is_causal: bool, cfg: HyperConfig)
         if site.unsqueeze_batch:
             q, k, v = (emit(graph, "call_method", "unsqueeze", (t, 0)) for t in (q, k, v))
         scale = _scale_value(graph, site)
-        args = op_args(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=gqa, config=cfg)
+        key_mask = _key_mask(graph, site.mask_node) if _key_padding(site) else None
+        args = op_args(q, k, v, attn_mask=key_mask, is_causal=is_causal, scale=scale,
+                       enable_gqa=gqa, config=cfg)  # fmt: skip
         new = emit(graph, "call_function", hyper_attention_op, args)
         out = emit(graph, "call_method", "squeeze", (new, 0)) if site.unsqueeze_batch else new
     for key in ("nn_module_stack", "source_fn_stack", "stack_trace"):
@@ -259,6 +294,20 @@ def _replace(gm, site: Site, k, v, gqa: bool, is_causal: bool, cfg: HyperConfig)
     site.out.replace_all_uses_with(out)
     graph.erase_node(site.out)
     return out
+
+
+def _key_mask(graph, mask: fx.Node) -> fx.Node:
+    """The [B, 1, 1, Nk] boolean key mask of a proven (causal and) key-padding SDPA mask: its
+    last query row (every key a causal row may see), head 0. Inductor computes that row alone
+    where the mask is built elementwise, so the n x n mask is never materialized."""
+    meta = meta_of(mask)
+    index = (Ellipsis, *([slice(0, 1)] if meta.dim() >= 3 else []), slice(-1, None), slice(None))
+    row = emit(graph, "call_function", operator.getitem, (mask, index))
+    if meta.dtype != torch.bool:  # additive: allowed where 0, masked at or below the threshold
+        row = emit(graph, "call_function", operator.gt, (row, MASKED_AT_OR_BELOW))
+    for _ in range(4 - meta.dim()):
+        row = emit(graph, "call_method", "unsqueeze", (row, 0))
+    return row
 
 
 def _scale_value(graph, site: Site):

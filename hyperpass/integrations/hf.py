@@ -6,13 +6,14 @@ all for an unknown implementation and padding would be dropped). Then
 ``from_pretrained(..., attn_implementation="hyperpass")`` and
 ``model.set_attn_implementation("hyperpass")`` work for any model that supports the interface.
 
-Masks: the mask function is transformers' SDPA one, which also skips a plain causal mask while
-tracing. It returns no mask for a plain causal layer (no padding, or all-ones padding in eager
-mode), so the layer reaches the op with
-``attn_mask=None, is_causal=True`` and is approximated; any real padding, sliding-window or custom
-mask is materialized and that call computes exact SDPA, as ``"sdpa"`` would. Decode steps (one
-query over a long cache) are exact. Under ``torch.compile``, transformers cannot read the values of
-a 2-D ``attention_mask`` while tracing, so pass ``attention_mask=None`` for unpadded batches.
+Masks: the mask function is transformers' SDPA one, with two changes. It returns no mask for a
+plain causal layer (no padding, or all-ones padding in eager mode; also while tracing), so the
+layer reaches the op with ``attn_mask=None, is_causal=True``. For a padded batch of prompts (2-D
+padding, causal, no cache before the queries) it returns the padding as a ``[B, 1, 1, N]`` key
+mask, which the attention function passes the op with ``is_causal=True`` (causal AND padding;
+``method="select"`` approximates it, other methods and exact calls get the whole mask). Sliding
+windows shorter than the sequence and custom masks are materialized and computed by exact SDPA,
+as ``"sdpa"`` would. Decode steps (one query over a long cache) are exact.
 
 Imports transformers when :func:`register_hf` runs, never at ``import hyperpass``.
 """
@@ -68,8 +69,9 @@ def _make_attention(config: HyperConfig, report: RoutingReport, layers, last_n_l
         ([B, Nq, H, Dv], None) out."""
         site = f"layer {getattr(module, 'layer_idx', type(module).__name__)}"
         exact_reason = None
-        if attention_mask is not None:
-            exact_reason = "attention mask (padding, window or custom pattern)"
+        key_mask = attention_mask if _is_key_mask(attention_mask, query, key) else None
+        if attention_mask is not None and key_mask is None:
+            exact_reason = "attention mask (window or custom pattern)"
         elif dropout > 0.0:
             exact_reason = "dropout"
         elif kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
@@ -78,6 +80,8 @@ def _make_attention(config: HyperConfig, report: RoutingReport, layers, last_n_l
             exact_reason = "paged cache"
         elif not _select_layer(module, layers, last_n_layers):
             exact_reason = "layer not selected"
+        if exact_reason is not None and key_mask is not None:
+            attention_mask = _whole(key_mask, query)
         if exact_reason is not None:
             note_call(report, site, lambda: exact_reason, exact_reason)
             return sdpa_attention_forward(
@@ -87,6 +91,7 @@ def _make_attention(config: HyperConfig, report: RoutingReport, layers, last_n_l
         q_len = query.shape[2]
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         causal = q_len > 1 and causal  # one query attends to the whole cache: not causal
+        causal = causal or key_mask is not None
         if causal and key.shape[2] > q_len:
             # Prefill into an empty static cache: the keys past the queries are empty slots.
             key, value = key[:, :, :q_len], value[:, :, :q_len]
@@ -94,20 +99,37 @@ def _make_attention(config: HyperConfig, report: RoutingReport, layers, last_n_l
         if torch.compiler.is_compiling():
             note_call(report, site, lambda: None)
         else:  # eager: an exact call skips the op's dispatch
-            reason = skip_reason_words(query, key, value, None, 0.0, causal, gqa, config)
+            reason = skip_reason_words(query, key, value, key_mask, 0.0, causal, gqa, config)
             note_call(report, site, lambda: reason)
             if reason is not None:
+                mask = None if key_mask is None else _whole(key_mask, query)
                 return sdpa_attention_forward(
-                    module, query, key, value, None, dropout, scaling, causal, **kwargs
-                )
-        out = hyper_attention_op(
-            *op_args(
-                query, key, value, is_causal=causal, scale=scaling, enable_gqa=gqa, config=config
-            )
-        )
+                    module, query, key, value, mask, dropout, scaling, causal and mask is None,
+                    **kwargs,
+                )  # fmt: skip
+        out = hyper_attention_op(*op_args(
+            query, key, value, attn_mask=key_mask, is_causal=causal, scale=scaling,
+            enable_gqa=gqa, config=config,
+        ))  # fmt: skip
         return out.transpose(1, 2).contiguous(), None
 
     return hyperpass_attention_forward
+
+
+def _whole(key_mask, query):
+    """Causal AND a key mask, as the [B, 1, N, N] mask SDPA takes."""
+    n = query.shape[2]
+    return key_mask & torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+
+
+def _is_key_mask(mask, query, key) -> bool:
+    """The [B, 1, 1, Nk] boolean key mask :func:`_make_mask` returns for a padded causal batch
+    (HF's own masks are [B, 1, Nq, Nk]): it stands for causal AND padding."""
+    return (
+        isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
+        and mask.shape[1] == mask.shape[2] == 1 and query.shape[2] > 1
+        and mask.shape[3] == key.shape[2] == query.shape[2]
+    )  # fmt: skip
 
 
 def _make_mask(sdpa_mask):
@@ -117,17 +139,38 @@ def _make_mask(sdpa_mask):
     torch < 2.14 (it cannot tell compile from export there). Without a padding mask, whether the
     mask is plain causal depends on shapes alone, which Dynamo guards on: skip it then as well.
     """
+    from transformers.masking_utils import causal_mask_function
+
     signature = inspect.signature(sdpa_mask)
 
     def hyperpass_mask(*args, **kwargs):
         a = signature.bind(*args, **kwargs).arguments
+        padding = a.get("attention_mask")
+        if padding is not None and not torch.compiler.is_compiling() and bool(padding.all()):
+            padding = None  # all ones (eager only: tracing cannot read values)
+        local = a.get("local_size")
+        unwindowed = local is None or a["kv_length"] < local
         plain_causal = (
             a.get("allow_is_causal_skip", True)
-            and a.get("attention_mask") is None
-            and (a.get("local_size") is None or a["kv_length"] < a["local_size"])
+            and padding is None
+            and unwindowed
             and (a["q_length"] == 1 or a["q_length"] == a["kv_length"])
         )
-        return None if plain_causal else sdpa_mask(*args, **kwargs)
+        if plain_causal:
+            return None
+        padded_prefill = (  # causal AND padding of one prompt per row, no cache before it
+            padding is not None and padding.dim() == 2 and unwindowed
+            # causal: HF's own function, or a window/chunk wider than the keys (HF's own skip
+            # assumes the same)
+            and (local is not None or a.get("mask_function", causal_mask_function)
+                 is causal_mask_function)
+            and a["q_length"] == a["kv_length"] == padding.shape[-1] > 1
+            and all(isinstance(a.get(o, 0), int) and a.get(o, 0) == 0
+                    for o in ("q_offset", "kv_offset"))
+        )  # fmt: skip
+        if padded_prefill:
+            return padding.to(torch.bool)[:, None, None, :]  # a key mask: see _is_key_mask
+        return sdpa_mask(*args, **kwargs)
 
     return hyperpass_mask
 

@@ -65,13 +65,17 @@ def _interpreting() -> bool:
 
 def hyper_attention_forward(
     q, k, v, *, is_causal: bool, scale: float | None, config: HyperConfig, with_lse: bool = True,
-    tuning: Tuning | None = None,
+    tuning: Tuning | None = None, key_mask=None,
 ):  # fmt: skip
     """The approximation's (out [B, Hq, Nq, Dv], lse [B, Hq, Nq] fp32 or None without
     ``with_lse``; the block methods return none); ``tuning`` pins the tiles of the hyper
-    kernels (tests)."""
+    kernels (tests); ``key_mask``: a boolean key-padding mask [B, 1, 1, Nk] (select only)."""
     if config.method == "select":
-        return _flex.select_forward(q, k, v, is_causal=is_causal, scale=scale, config=config)
+        return _flex.select_forward(
+            q, k, v, is_causal=is_causal, scale=scale, config=config, key_mask=key_mask
+        )
+    if key_mask is not None:
+        raise ValueError(f"key_mask needs method='select', got method={config.method!r}")
     if config.block_sparse:
         return _flex.pattern_forward(q, k, v, is_causal=is_causal, scale=scale, config=config)
     return _hyper.hyper_attention_forward(

@@ -24,6 +24,7 @@ from torch import Tensor
 from hyperpass.config import HyperConfig
 from hyperpass.kernels.host import cdiv
 from hyperpass.kernels.query_major import query_major_lists
+from hyperpass.reference import key_valid
 
 log = logging.getLogger("hyperpass")
 
@@ -38,21 +39,34 @@ def available() -> bool:
     return True
 
 
+def _flex_with_valid_keys(q, k, v, valid, **kw):
+    """FlexAttention where only keys with ``valid[b, j]`` count: a score mod, so that full
+    blocks (which skip mask_mod) drop padded keys too."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def padding(score, b, h, q_idx, kv_idx):
+        return torch.where(valid[b, kv_idx], score, float("-inf"))
+
+    return flex_attention(q, k, v, score_mod=padding, **kw)
+
+
 @functools.cache
-def _compiled(dynamic: bool):
+def _compiled(dynamic: bool, padded: bool = False):
     from torch.nn.attention.flex_attention import flex_attention
 
     # fullgraph: past Dynamo's recompile limit, a call raises instead of running FlexAttention
     # uncompiled, which evaluates mask_mod densely and reads no block list (a wrong answer here)
-    return torch.compile(flex_attention, dynamic=dynamic, fullgraph=True)
+    fn = _flex_with_valid_keys if padded else flex_attention
+    return torch.compile(fn, dynamic=dynamic, fullgraph=True)
 
 
 _RECOMPILE_LIMIT = 64  # masks and shape families one process may compile FlexAttention for
 _LIMIT_HIT = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", RuntimeError)
 
 
-def _flex(q, k, v, block_mask, scale, gqa: bool, kernel_options, dynamic: bool):
+def _flex(q, k, v, block_mask, scale, gqa: bool, kernel_options, dynamic: bool, valid=None):
     kw = dict(block_mask=block_mask, scale=scale, enable_gqa=gqa, kernel_options=kernel_options)
+    args = (q, k, v) if valid is None else (q, k, v, valid)
     # uncompiled, FlexAttention reads no block list (it evaluates mask_mod densely): always
     # compile, on a CPU too (the tests). Select's masks take no constant: on CUDA one compile
     # serves every length; patterns and CPUs (whose lowering takes static shapes only) compile
@@ -61,7 +75,7 @@ def _flex(q, k, v, block_mask, scale, gqa: bool, kernel_options, dynamic: bool):
         with torch._dynamo.config.patch(
             recompile_limit=_RECOMPILE_LIMIT, accumulated_recompile_limit=8 * _RECOMPILE_LIMIT
         ):
-            return _compiled(q.is_cuda and dynamic)(q, k, v, **kw)
+            return _compiled(q.is_cuda and dynamic, valid is not None)(*args, **kw)
     except _LIMIT_HIT:
         log.warning(
             "hyperpass: FlexAttention was compiled for more than %d masks and shapes in this "
@@ -180,8 +194,10 @@ def _kernel_options(config: HyperConfig, head_dim: int) -> dict | None:
     return options or None
 
 
-def select_forward(q, k, v, *, is_causal: bool, scale: float | None, config: HyperConfig):
-    """``method="select"``: the selection kernel's lists, then FlexAttention. (out, None)."""
+def select_forward(q, k, v, *, is_causal: bool, scale: float | None, config: HyperConfig,
+                   key_mask=None):  # fmt: skip
+    """``method="select"``: the selection kernel's lists, then FlexAttention. (out, None).
+    ``key_mask``: a boolean key-padding mask [B, 1, 1, Nk]; its padded keys are never read."""
     from hyperpass.kernels.select_blocks import select_block_lists
 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -192,8 +208,12 @@ def select_forward(q, k, v, *, is_causal: bool, scale: float | None, config: Hyp
         causal_mod() if is_causal else no_mask_mod(), backward,
     )  # fmt: skip
     gqa = q.shape[1] != k.shape[1]
-    out = _flex(q, k, v, mask, scale, gqa, _kernel_options(config, q.shape[-1]), True)
-    return (_reference(q, k, v, is_causal, scale, config) if out is None else out), None
+    valid = None if key_mask is None else key_valid(key_mask, q.shape[0], k.shape[-2])
+    options = _kernel_options(config, q.shape[-1])
+    out = _flex(q, k, v, mask, scale, gqa, options, True, valid)
+    if out is None:
+        out = _reference(q, k, v, is_causal, scale, config, key_mask)
+    return out, None
 
 
 def pattern_forward(q, k, v, *, is_causal: bool, scale: float | None, config: HyperConfig):
@@ -207,7 +227,9 @@ def pattern_forward(q, k, v, *, is_causal: bool, scale: float | None, config: Hy
     return (_reference(q, k, v, is_causal, scale, config) if out is None else out), None
 
 
-def _reference(q, k, v, is_causal, scale, config):
+def _reference(q, k, v, is_causal, scale, config, key_mask=None):
     from hyperpass.reference import hyper_attention_reference
 
-    return hyper_attention_reference(q, k, v, is_causal=is_causal, scale=scale, config=config)[0]
+    return hyper_attention_reference(
+        q, k, v, is_causal=is_causal, scale=scale, config=config, key_mask=key_mask
+    )[0]

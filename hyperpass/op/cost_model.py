@@ -21,7 +21,7 @@ import torch
 # weighs more, so the method pays later.
 _HOPPER = {
     # method: (break-even when B * Hq * D >= 2048, below)
-    "select": (16384, 32768),
+    "select": (16384, 16384),
     "longformer": (16384, 16384),
     "local": (16384, 16384),
     "dilated": (32768, 32768),  # every window block is partial: more mask work than longformer

@@ -124,14 +124,41 @@ def length_reason(nq, nk, is_causal: bool, cfg: HyperConfig, device="cuda",
     return None
 
 
+def key_mask_reason(attn_mask, q, k, cfg: HyperConfig) -> Reason | None:
+    """None when ``attn_mask`` is a key-padding mask the method serves: boolean, one row for
+    every query and head (``[B or 1, 1, 1, Nk]``, ``[1, 1, Nk]`` or ``[1, Nk]``; True = attend),
+    with ``method="select"``. With ``is_causal`` such a mask means causal AND the mask (SDPA
+    takes one or the other; this op takes both). Sizes the graph leaves symbolic pass."""
+    if cfg.method != "select":
+        return Reason("mask", f"attention mask: method={cfg.method!r} takes none (select takes a "
+                              "key-padding mask)")  # fmt: skip
+    shape = tuple(attn_mask.shape)
+
+    def differs(a, b):
+        return _known(a) is not None and _known(b) is not None and a != b
+
+    key_only = (
+        attn_mask.dtype == torch.bool
+        and 2 <= len(shape) <= 4
+        and all(_known(s) == 1 for s in shape[-3:-1])
+        and not differs(shape[-1], k.shape[-2])
+        and (len(shape) < 4 or _known(shape[0]) == 1 or not differs(shape[0], q.shape[0]))
+    )
+    if not key_only:
+        return Reason("mask", "attention mask that is not a boolean key-padding mask "
+                              "[B, 1, 1, Nk]")  # fmt: skip
+    return None
+
+
 def skip_reason(
     q, k, v, attn_mask, dropout_p, is_causal: bool, enable_gqa: bool, cfg: HyperConfig
 ) -> Reason | None:
     """Why this call must be exact, or None when it is approximated (SDPA's arguments)."""
     reason = structural_reason(
-        q, k, v, has_mask=attn_mask is not None, dropout_p=dropout_p, is_causal=is_causal,
-        enable_gqa=enable_gqa,
-    )  # fmt: skip
+        q, k, v, has_mask=False, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=enable_gqa
+    )
+    if reason is None and attn_mask is not None:
+        reason = key_mask_reason(attn_mask, q, k, cfg)
     return reason or length_reason(
         q.shape[-2], k.shape[-2], is_causal, cfg, q.device, work_per_token(q)
     )

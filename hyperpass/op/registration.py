@@ -32,6 +32,10 @@ log = logging.getLogger("hyperpass")
 
 def _exact(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     kwargs = {"enable_gqa": True} if enable_gqa else {}
+    if attn_mask is not None and is_causal:  # causal AND a key-padding mask (SDPA takes one)
+        nq, nk = q.shape[-2], k.shape[-2]
+        causal = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril()
+        attn_mask, is_causal = attn_mask & causal, False
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
         **kwargs,
@@ -48,13 +52,16 @@ def _kernel_module():
     return kernels
 
 
-def _approximate(q, k, v, is_causal, scale, cfg):
+def _approximate(q, k, v, key_mask, is_causal, scale, cfg):
     kernels = _kernel_module() if q.is_cuda else None
     if kernels is not None and kernels.unsupported_reason(q, k, v, is_causal, cfg) is None:
         return kernels.hyper_attention_forward(
-            q, k, v, is_causal=is_causal, scale=scale, config=cfg, with_lse=False
-        )[0]
-    return hyper_attention_reference(q, k, v, is_causal=is_causal, scale=scale, config=cfg)[0]
+            q, k, v, is_causal=is_causal, scale=scale, config=cfg, with_lse=False,
+            key_mask=key_mask,
+        )[0]  # fmt: skip
+    return hyper_attention_reference(
+        q, k, v, is_causal=is_causal, scale=scale, config=cfg, key_mask=key_mask
+    )[0]
 
 
 def _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, params) -> Tensor:
@@ -62,7 +69,7 @@ def _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, params
     reason = skip_reason(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg)
     if reason is not None or one_exact_leaf(q.shape[-2], is_causal, cfg):
         return _exact(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    return _approximate(q, k, v, is_causal, scale, cfg)
+    return _approximate(q, k, v, attn_mask, is_causal, scale, cfg)
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -171,8 +178,11 @@ def hyper_attention(
     Args:
         q: [B, Hq, Nq, D]; k: [B, Hkv, Nk, D]; v: [B, Hkv, Nk, Dv]. With ``enable_gqa``, Hkv
             divides Hq and query head h reads KV head ``h // (Hq // Hkv)``.
-        attn_mask, dropout_p, is_causal, scale, enable_gqa: as in SDPA. A mask or dropout makes
-            the call exact; ``is_causal`` with Nq == Nk is approximated.
+        attn_mask, dropout_p, is_causal, scale, enable_gqa: as in SDPA, but for one extension:
+            a boolean key-padding mask ``[B, 1, 1, Nk]`` may come with ``is_causal`` (causal AND
+            the mask), and ``method="select"`` approximates it (padded keys never attended;
+            a query with no key gets 0). Any other mask, or dropout, makes the call exact;
+            ``is_causal`` with Nq == Nk is approximated.
         config: a :class:`HyperConfig`; ``**params`` override its fields (``block_size=512``).
 
     Returns:

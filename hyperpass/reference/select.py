@@ -185,9 +185,10 @@ def select_block_mask(q: Tensor, k: Tensor, cfg: HyperConfig, causal: bool,
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, qb: int, kb: int,
-                           causal: bool):  # fmt: skip
+                           causal: bool, key_valid: Tensor | None = None):  # fmt: skip
     """(out, lse) of exact attention of each query tile over its ``blocks`` [.., n_t, n_b]
-    (and, when causal, only keys at or before the query), by steps of a few tiles."""
+    (and, when causal, only keys at or before the query; with ``key_valid`` [B, Nk], only
+    valid keys), by steps of a few tiles."""
     nq, nk = q.shape[-2], k.shape[-2]
     k_pos = torch.arange(nk, device=q.device)
     outs, lses = [], []
@@ -198,6 +199,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, qb: 
         keep = keep.repeat_interleave(qb, -2)[..., : len(rows), :]  # [.., rows, nk]
         if causal:
             keep = keep & (k_pos <= rows[:, None])
+        if key_valid is not None:
+            keep = keep & key_valid[:, None, None, None, :]
         out, lse = attend(q[..., rows, :], k.unsqueeze(2), v.unsqueeze(2), keep)
         outs.append(out)
         lses.append(lse)
@@ -205,8 +208,12 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, qb: 
 
 
 def select_attention(q: Tensor, k: Tensor, v: Tensor, cfg: HyperConfig, causal: bool,
-                     rep_dtype: torch.dtype | None = None):  # fmt: skip
+                     rep_dtype: torch.dtype | None = None,
+                     key_valid: Tensor | None = None):  # fmt: skip
     """(out [B, Hkv, G, Nq, Dv], lse [B, Hkv, G, Nq]) of ``method="select"``; ``rep_dtype``: the
-    inputs' dtype, to which the GPU rounds the row-group means it ranks blocks with."""
+    inputs' dtype, to which the GPU rounds the row-group means it ranks blocks with;
+    ``key_valid`` [B, Nk]: the keys a padding mask leaves (the selection scores every block)."""
     blocks = select_block_mask(q, k, cfg, causal, rep_dtype)
-    return block_sparse_attention(q, k, v, blocks, cfg.query_block, cfg.select_block, causal)
+    return block_sparse_attention(
+        q, k, v, blocks, cfg.query_block, cfg.select_block, causal, key_valid
+    )

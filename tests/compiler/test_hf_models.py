@@ -146,22 +146,48 @@ def test_hf_below_min_len_matches_plain_compile(arch):
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_hf_padding_mask_stays_exact(arch, side):
-    code = "mask:padding" if arch in ENCODERS else "mask:causal+padding"
-    model = _model(arch, "sdpa")
-    ids = _ids()
+# select with a window over every key: the approximation is exact attention, so real positions
+# equal eager's
+COVERING_SELECT = {"window": 4096}
+
+
+def _padding(ids, side: str):
     keep = torch.ones_like(ids)
     if side == "left":
         keep[1, :5] = 0
     else:
         keep[1, -5:] = 0
-    be = hyperpass.backend(min_len=16, inner="aot_eager")
+    return keep
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hf_padded_batch_rewritten_and_real_positions_exact(arch, side):
+    """A batch of prompts of different lengths: HF builds causal AND key padding (key padding
+    alone for encoders); the pass proves it per batch row and key, and the op takes the last
+    row of the mask. Real positions equal eager; padded ones are never read as keys."""
+    model = _model(arch, "sdpa")
+    ids = _ids()
+    keep = _padding(ids, side)
+    be = hyperpass.backend(min_len=16, inner="aot_eager", **COVERING_SELECT)
     with torch.no_grad():
         out = _output(torch.compile(model, backend=be, fullgraph=True)(ids, attention_mask=keep))
         ref = _output(model(ids, attention_mask=keep))
-    assert [r.code for r in be.reports] == [code] * N_LAYERS
+    mask = "padding" if arch in ENCODERS else "causal+padding"
+    assert [(r.code, r.mask) for r in be.reports] == [("rewritten", mask)] * N_LAYERS
+    real = keep.bool()
+    torch.testing.assert_close(out[real], ref[real])
+
+
+def test_hf_padded_batch_with_eager_attention_stays_exact():
+    model = _model("llama", "eager")  # hand-written attention: its padding is not taken yet
+    ids = _ids()
+    keep = _padding(ids, "left")
+    be = hyperpass.backend(min_len=16, inner="aot_eager", **COVERING_SELECT)
+    with torch.no_grad():
+        out = _output(torch.compile(model, backend=be, fullgraph=True)(ids, attention_mask=keep))
+        ref = _output(model(ids, attention_mask=keep))
+    assert [r.code for r in be.reports] == ["mask:causal+padding"] * N_LAYERS
     torch.testing.assert_close(out, ref)
 
 

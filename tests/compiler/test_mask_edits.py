@@ -113,3 +113,33 @@ def test_an_unedited_causal_mask_is_still_rewritten():
     got = torch.compile(causal, backend=be, fullgraph=True)(q, k, v)
     assert [r.rewritten for r in be.reports] == [True]
     torch.testing.assert_close(got, causal(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+class BufferMaskAttention(torch.nn.Module):
+    """nanoGPT's attention: a causal ``bias`` buffer sliced to the sequence; the buffer is then
+    edited between calls, which no recompilation follows."""
+
+    def __init__(self, n_max=256):
+        super().__init__()
+        self.register_buffer("bias", torch.ones(n_max, n_max).tril().view(1, 1, n_max, n_max))
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        att = att.masked_fill(self.bias[:, :, :n, :n] == 0, float("-inf"))
+        return att.softmax(-1) @ v
+
+
+def test_causal_buffer_mask_stays_exact_and_says_why():
+    model = BufferMaskAttention()
+    q, k, v = (torch.randn(2, 4, 200, 16, generator=torch.Generator().manual_seed(i))
+               for i in range(3))  # fmt: skip
+    be = hyperpass.backend(inner="aot_eager", **COVERING)
+    compiled = torch.compile(model, backend=be)
+    torch.testing.assert_close(compiled(q, k, v), model(q, k, v))
+    assert [r.code for r in be.reports] == ["mask:arbitrary"]
+    assert "module state" in be.reports[0].reason
+    with torch.no_grad():
+        model.bias[..., 0] = 0  # no key 0 any more: a rewrite read at compile time would be wrong
+        model.bias[..., 0, 0] = 1
+    torch.testing.assert_close(compiled(q, k, v), model(q, k, v))

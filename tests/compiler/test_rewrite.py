@@ -298,3 +298,24 @@ def test_dynamic_length_crosses_min_len_without_recompiling():
     assert counters["stats"]["unique_graphs"] == 1
     assert [r.code for r in be.reports] == ["rewritten"]
     assert "symbolic" in be.reports[0].reason
+
+
+@pytest.mark.parametrize("name", ["sdpa_padding", "sdpa_causal_and_padding"])
+def test_key_padding_masks_rewritten_with_select(name):
+    """The corpus' key-padding masks (right padding: every query keeps a key) are rewritten for
+    select, which takes a key mask; with a window over every key they equal eager, gradients
+    too. (With the corpus' hyper parameters they stay exact: the cases above.)"""
+    case = CASES[name]
+    be = hyperpass.backend(min_len=16, inner="aot_eager", window=4096, query_block=32,
+                           select_block=32, query_groups=4)  # fmt: skip
+    compiled = torch.compile(case.module, backend=be, fullgraph=True)
+    inputs, ref_inputs = _grad_inputs(case.inputs), _grad_inputs(case.inputs)
+    out, ref = compiled(*inputs), case.module(*ref_inputs)
+    assert [r.code for r in be.reports] == ["rewritten"]
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    for a, b in zip(inputs, ref_inputs, strict=True):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad)

@@ -405,7 +405,7 @@ def corpus() -> list[Case]:
         Case("hw_prescaled_qk", Fn(hw_prescaled_qk), qkv(), ((rw, "none"),)),
         Case("hw_bmm_3d", Fn(hw_bmm_3d), qkv(), ((rw, "none"),)),
         Case("hw_masked_fill_tril", Fn(hw_masked_fill_tril), qkv(), ((rw, "causal"),)),
-        Case("hw_nanogpt_buffer", HwNanoGptBuffer(), qkv(), (("mask:padding", "padding"),)),
+        Case("hw_nanogpt_buffer", HwNanoGptBuffer(), qkv(), (("mask:arbitrary", "arbitrary"),)),
         Case("hw_gpt2_where", Fn(hw_gpt2_where), qkv(), ((rw, "causal"),)),
         Case("hw_einsum", Fn(hw_einsum), qkv(), ((rw, "none"),)),
         Case("hw_t5_unscaled", Fn(hw_t5_unscaled), qkv(), ((rw, "none"),)),

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 
 EXACT = dict(**PAPER_ALGO, min_len=16, block_size=128, min_seq_len=128)
 APPROX = dict(**PAPER_ALGO, min_len=16, block_size=16, sample_size=16, min_seq_len=16)
+COVERING = dict(min_len=16, window=4096)  # select over every key: exact attention
 N_LAYERS, SEQ, VOCAB = 2, 64, 96
 
 TINY = dict(
@@ -37,6 +38,7 @@ def registered():
     hyperpass.register_hf(**EXACT)
     hyperpass.register_hf("hyperpass-approx", **APPROX)
     hyperpass.register_hf("hyperpass-last1", last_n_layers=1, **APPROX)
+    hyperpass.register_hf("hyperpass-covering", **COVERING)
 
 
 @pytest.fixture(autouse=True)
@@ -99,16 +101,19 @@ def test_approximation_is_the_op_through_either_path(arch):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_padding_mask_stays_exact(arch):
+def test_padded_batch_is_approximated_and_real_positions_exact(arch):
+    """The mask function hands the attention a [B, 1, 1, N] key mask for a padded prompt batch
+    (causal AND padding); with a window over every key, real positions equal sdpa's."""
     ids = _ids()
     mask = torch.ones_like(ids)
     mask[0, :7] = 0  # left padding in the first row
+    mask[1, -4:] = 0  # right padding in the second
     with torch.no_grad():
         ref = _model(arch)(ids, attention_mask=mask).logits
-        out = _model(arch, "hyperpass-approx")(ids, attention_mask=mask).logits
+        out = _model(arch, "hyperpass-covering")(ids, attention_mask=mask).logits
     torch.testing.assert_close(out[mask.bool()], ref[mask.bool()])
-    totals = hf.report("hyperpass-approx").totals()
-    assert (totals.approximated, sum(totals.exact.values())) == (0, N_LAYERS)
+    totals = hf.report("hyperpass-covering").totals()
+    assert (totals.approximated, sum(totals.exact.values())) == (N_LAYERS, 0)
 
 
 def test_all_ones_mask_is_approximated():
@@ -209,7 +214,11 @@ def test_mask_function_keeps_padding_and_windows():
     padding = torch.ones(1, 8, dtype=torch.bool)
     padding[0, 0] = False
     mask = mask_fn(batch_size=1, q_length=8, kv_length=8, attention_mask=padding)
-    assert mask.shape == (1, 1, 8, 8) and not mask[0, 0, :, 0].any()
+    assert mask.shape == (1, 1, 1, 8) and not mask[0, 0, 0, 0] and mask[0, 0, 0, 1:].all()
+    ones = torch.ones(1, 8, dtype=torch.bool)
+    assert mask_fn(batch_size=1, q_length=8, kv_length=8, attention_mask=ones) is None
+    cached = mask_fn(batch_size=1, q_length=4, kv_length=8, attention_mask=padding)
+    assert cached.shape == (1, 1, 4, 8)  # queries after a cache: HF's own mask
     windowed = mask_fn(batch_size=1, q_length=8, kv_length=8, local_size=4)
     assert windowed is not None and windowed.shape == (1, 1, 8, 8)
     assert mask_fn(batch_size=1, q_length=8, kv_length=8, allow_is_causal_skip=False) is not None

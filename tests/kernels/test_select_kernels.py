@@ -110,6 +110,28 @@ def test_flex_over_the_lists_equals_the_reference(params, shape, causal):
     close("out", out, low, high)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_flex_with_a_key_padding_mask_equals_the_reference(causal):
+    """Left padding on one row, right on the other: padded keys sit in full blocks too (the
+    sinks, selected blocks), which skip FlexAttention's mask_mod, and some queries have no key
+    at all (they get 0, as in the reference)."""
+    cfg = SELECT.replace(sinks=20)
+    q, k, v, _ = inputs(2, 2, 1, 230, 230, 32, torch.float32)
+    valid = torch.ones(2, 230, dtype=torch.bool)
+    valid[0, :70] = False
+    valid[1, 150:] = False
+    key_mask = valid[:, None, None, :]
+    out, _ = kernels.hyper_attention_forward(
+        q, k, v, is_causal=causal, scale=None, config=cfg, key_mask=key_mask
+    )
+    low, _ = hyper_attention_reference(q, k, v, is_causal=causal, config=cfg, key_mask=key_mask)
+    high, _ = hyper_attention_reference(*(t.double() for t in (q, k, v)), is_causal=causal,
+                                        config=cfg, key_mask=key_mask)  # fmt: skip
+    close("out", out, low, high)
+    if causal:  # queries before the first valid key of row 0
+        assert out[0, :, :70].abs().max() == 0
+
+
 @pytest.mark.parametrize(
     "params,shape,causal",
     [

@@ -202,3 +202,56 @@ def test_one_exact_causal_leaf_runs_sdpa():
     assert not torch.allclose(
         out, F.scaled_dot_product_attention(*longer, is_causal=True, enable_gqa=True)
     )
+
+
+# ----------------------------------------------------------------------------- key padding
+COVERING_SELECT = dict(min_len=16, window=4096, query_block=32, select_block=32, query_groups=4)
+
+
+def _key_mask(batch, n):
+    valid = torch.ones(batch, n, dtype=torch.bool)
+    valid[0, :13] = False  # left padding
+    valid[-1, n - 9 :] = False  # right padding
+    return valid[:, None, None, :]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("min_len", [16, 4096], ids=["approximated", "exact"])
+def test_key_padding_mask_approximated_and_exact_like_sdpa(causal, min_len):
+    """A [B, 1, 1, N] key mask with is_causal means causal AND the mask; approximated (with a
+    covering window) or exact (below min_len), real rows equal SDPA over the combined mask."""
+    q, k, v = qkv(batch=2, hq=4, hkv=2, n=70, grad=True)
+    key_mask = _key_mask(2, 70)
+    params = {**COVERING_SELECT, "min_len": min_len}
+    out = hyper_attention(q, k, v, attn_mask=key_mask, is_causal=causal, enable_gqa=True,
+                          **params)  # fmt: skip
+    full = key_mask & torch.ones(70, 70, dtype=torch.bool).tril() if causal else key_mask
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=full, enable_gqa=True)
+    rows = full.expand(2, 1, 70, 70).any(-1, keepdim=True).expand_as(out)
+    torch.testing.assert_close(out[rows], ref[rows])
+    grad = torch.randn_like(out) * rows
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref.masked_fill(~rows, 0), (q, k, v), grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize(
+    "mask,params,words",
+    [
+        (torch.zeros(2, 1, 1, 70), {}, "not a boolean key-padding mask"),
+        (torch.ones(2, 1, 70, 70, dtype=torch.bool), {}, "not a boolean key-padding mask"),
+        (torch.ones(2, 2, 1, 70, dtype=torch.bool), {}, "not a boolean key-padding mask"),
+        (
+            torch.ones(2, 1, 1, 70, dtype=torch.bool),
+            {"method": "longformer", "window": 64, "sinks": 4},
+            "method='longformer'",
+        ),
+    ],
+    ids=["float", "full", "per-head", "longformer"],
+)
+def test_other_masks_stay_exact_with_a_reason(mask, params, words):
+    q, k, v = qkv(batch=2, n=70)
+    cfg = HyperConfig(**{**COVERING_SELECT, **params})
+    reason = skip_reason(q, k, v, mask, 0.0, False, False, cfg)
+    assert reason is not None and reason.code == "mask" and words in reason.words

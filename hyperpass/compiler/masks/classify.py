@@ -51,6 +51,7 @@ class MaskInfo:
 
     kind: str
     reason: str
+    keys_only: bool = False  # padding: varies with the batch row and key only, never the query
 
 
 def classify_mask(mask: fx.Node | None, n_q, n_k, *, boolean: bool | None = None) -> MaskInfo:
@@ -76,8 +77,16 @@ def classify_mask(mask: fx.Node | None, n_q, n_k, *, boolean: bool | None = None
 def judge_allowed(allowed, value, meta, n_q, n_k) -> MaskInfo:
     """Turn an allowed-set into a :class:`MaskInfo` for an ``[..., Nq, Nk]`` attention."""
     if isinstance(allowed, Opaque):
+        if allowed.module_state:  # nanoGPT's causal ``bias`` buffer, say
+            return MaskInfo(
+                "arbitrary",
+                f"mask read from module state ({allowed.why}): its contents are not proven "
+                "when compiled and may change without a recompile",
+            )
         if allowed.data:
-            return MaskInfo("padding", f"mask depends on input data ({allowed.why})")
+            # a boolean read from an input is an allowed set; a float one may be any bias
+            keys = _keys_only(allowed.axes) and meta is not None and meta.dtype == torch.bool
+            return MaskInfo("padding", f"mask depends on input data ({allowed.why})", keys)
         return MaskInfo("arbitrary", f"mask the classifier cannot follow ({allowed.why})")
     if allowed.false:
         return MaskInfo("arbitrary", "mask that masks everything")
@@ -93,7 +102,8 @@ def judge_allowed(allowed, value, meta, n_q, n_k) -> MaskInfo:
     rest = forms - {causal} if has_causal else forms
     if opaque:
         kind = "causal+padding" if has_causal and not rest else "padding"
-        return MaskInfo(kind, f"{kind} mask: part of it depends on input data")
+        keys = (has_causal or not forms) and not rest and all(_keys_only(a[2]) for a in opaque)
+        return MaskInfo(kind, f"{kind} mask: part of it depends on input data", keys)
     if not rest:
         if has_causal:
             return MaskInfo("causal", "lower-triangular mask (j <= i)")
@@ -102,6 +112,12 @@ def judge_allowed(allowed, value, meta, n_q, n_k) -> MaskInfo:
     if has_causal and len(rest) == 1 and _is_window(next(iter(rest))):
         return MaskInfo("sliding-window", "causal sliding-window mask")
     return MaskInfo("arbitrary", "mask is not the plain lower-triangular pattern")
+
+
+def _keys_only(axes) -> bool:
+    """Axes of an SDPA mask ([B, H, Nq, Nk], right-aligned) that make it key padding per batch
+    row: the key axis and the batch axis, no head or query axis."""
+    return axes is not None and axes <= {-1, -4}
 
 
 def _is_window(form: Lin) -> bool:

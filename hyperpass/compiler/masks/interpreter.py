@@ -10,8 +10,10 @@ Imports torch only.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
+import re
 
 import torch
 from torch import fx
@@ -28,6 +30,7 @@ from hyperpass.compiler.masks.values import (
     and_,
     arith,
     as_allowed,
+    as_atom,
     compare,
     depends_on_axes,
     insert_axes,
@@ -61,6 +64,7 @@ _IDENTITY_METHODS = {"to", "float", "half", "bfloat16", "double", "bool", "long"
 _IDENTITY_METHODS |= {"contiguous", "clone", "detach", "requires_grad_"}
 _CONST_FACTORIES = {torch.ones: 1, torch.zeros: 0, torch.ones_like: 1, torch.zeros_like: 0}
 _CONST_METHODS = {"new_ones": 1, "new_zeros": 0}
+_MODULE_STATE = re.compile(r"_(buffers|parameters)_")  # Dynamo's names of lifted module state
 
 
 class Interpreter:
@@ -75,7 +79,10 @@ class Interpreter:
                 self.memo[node] = self._eval(node)
             except Exception as err:  # noqa: BLE001 - never raise on a model: stay opaque
                 self.memo[node] = Opaque(f"{type(err).__name__} while following {node}", False)
-            self.memo[node] = self._drop_unit_axes(node, self.memo[node])
+            value = self.memo[node]
+            if isinstance(value, Opaque) and value.axes is not None and not _keeps_axes(node):
+                value = dataclasses.replace(value, axes=None)  # combined with others: unknown
+            self.memo[node] = self._drop_unit_axes(node, value)
         return self.memo[node]
 
     def _literal(self, x):
@@ -105,7 +112,10 @@ class Interpreter:
         if node.op == "placeholder" or node.op == "get_attr":
             if isinstance(node.meta.get("example_value"), torch.SymInt):
                 return Lin.of({("sym", node): 1})
-            return Opaque(f"graph input {node.name}", data=True)
+            state = _MODULE_STATE.search(node.name) is not None or node.op == "get_attr"
+            meta = meta_of(node)
+            axes = None if meta is None else frozenset(range(-meta.dim(), 0))
+            return Opaque(f"graph input {node.name}", data=True, module_state=state, axes=axes)
         if node.op == "call_method":
             return self._method(node, t, args, kwargs)
         if node.op != "call_function":
@@ -243,6 +253,8 @@ class Interpreter:
     def _where(self, cond, a, b):
         c = to_pred(self.eval(cond))
         va, vb = self.eval(a), self.eval(b)
+        if isinstance(c, Opaque) and c.data:
+            c = as_atom(c)  # a padding condition: where(keep, 0, min) stays an allowed set
         if isinstance(c, Opaque):
             return c
         sa, sb = scalar_of(va), scalar_of(vb)
@@ -258,6 +270,8 @@ class Interpreter:
     def _masked_fill(self, x, cond, value):
         vx = self.eval(x)
         c = to_pred(self.eval(cond))
+        if isinstance(c, Opaque) and c.data:
+            c = as_atom(c)
         if isinstance(c, Opaque):
             return c
         fill = scalar_of(self.eval(value)) if isinstance(value, fx.Node) else value
@@ -357,11 +371,16 @@ class Interpreter:
         affine indices is affine in the result's positions (HF gathers positions this way)."""
         meta_in = meta_of(x)
         v = self.eval(x)
-        if isinstance(v, Opaque):
-            return v
         if len(index) != meta_in.dim() or not all(isinstance(i, fx.Node) for i in index):
-            return self._opaque(node, "advanced indexing with a tensor")
+            return v if isinstance(v, Opaque) else self._opaque(node, "advanced indexing")
         values = [self.eval(i) for i in index]
+        if isinstance(v, Opaque):
+            # an input read at affine positions depends on the axes of those positions only
+            # (HF's padding: ``attention_mask[batch_idx, kv_idx]`` varies with batch and key)
+            if v.data and all(isinstance(i, Lin) for i in values):
+                axes = {a for i in values for a in i.axes()}
+                return Opaque(v.why, True, v.module_state, frozenset(axes))
+            return v
         if isinstance(v, Pred | Sel) and not depends_on_axes(v):
             return v
         if not isinstance(v, Lin) or not all(isinstance(i, Lin) for i in values):
@@ -413,6 +432,44 @@ class Interpreter:
         c = d.get(ONE, 0)
         axis = dim if dim < 0 else dim - meta.dim()
         return Lin.of({("ax", axis): c, ONE: c})  # sum of c over positions 0..t
+
+
+# ops whose Opaque result depends on the axes the interpreter tracks for it: an input read,
+# indexed, gathered at affine positions, cast, broadcast or re-laid-out. Any other op that
+# returns an Opaque stands for a value computed from more than it: its axes become unknown.
+_AXIS_METHODS = _IDENTITY_METHODS | {
+    "expand",
+    "expand_as",
+    "broadcast_to",
+    "unsqueeze",
+    "transpose",
+    "swapaxes",
+    "view",
+    "reshape",
+    "__getitem__",
+}
+_AXIS_METHODS |= _CMP_METHODS | {
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "__add__",
+    "__sub__",
+    "__mul__",
+    "__truediv__",
+    "__rsub__",
+}  # elementwise: axes_of both sides
+_AXIS_METHODS |= {"__invert__", "logical_not", "bitwise_not"}  # not(opaque): the same axes
+_AXIS_FUNCTIONS = {operator.getitem, torch.unsqueeze, torch.transpose, torch.swapaxes,
+                   operator.neg, *_CMP, *_ARITH, *_NOT}  # fmt: skip
+
+
+def _keeps_axes(node: fx.Node) -> bool:
+    if node.op in ("placeholder", "get_attr"):
+        return True
+    if node.op == "call_method":
+        return node.target in _AXIS_METHODS
+    return node.op == "call_function" and node.target in _AXIS_FUNCTIONS
 
 
 def _is_one(s) -> bool:

@@ -14,6 +14,7 @@ only.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass
@@ -80,6 +81,8 @@ class Opaque:
 
     why: str
     data: bool
+    module_state: bool = False  # the tensor read is a module's buffer or parameter
+    axes: frozenset | None = None  # the axes its elements depend on, when known (else: all)
 
 
 def as_allowed(value, boolean: bool):
@@ -155,6 +158,8 @@ def negate(p):
         (atom,) = p.atoms
         if isinstance(atom, Lin):  # not(f <= 0)  <=>  -f + 1 <= 0 over integers
             return Pred(frozenset({lin_add(lin_scale(atom, -1), Lin.of({ONE: 1}))}))
+        # not(an input-read boolean): another one, over the same axes
+        return Pred(frozenset({("opaque", f"not ({atom[1]})", atom[2])}))
     return Opaque("negation of a compound mask", data=has_data(p))
 
 
@@ -170,7 +175,7 @@ def and_(x, y):
         opaque = x if isinstance(x, Opaque) else y
         if isinstance(known, Opaque) or not opaque.data:
             return Opaque(opaque.why, opaque.data or getattr(known, "data", False))
-        return Pred(known.atoms | {("opaque", opaque.why)}, known.false)
+        return Pred(known.atoms | {("opaque", opaque.why, opaque.axes)}, known.false)
     return Pred(x.atoms | y.atoms, x.false or y.false)
 
 
@@ -184,10 +189,45 @@ def or_(x, y):
     return Opaque("union of masks", data=has_data(x) or has_data(y))
 
 
+def axes_of(v) -> frozenset | None:
+    """The axes an abstract value's elements depend on (None: unknown)."""
+    if isinstance(v, Lin):
+        return frozenset(v.axes())
+    if isinstance(v, Opaque):
+        return v.axes
+    if isinstance(v, Sel):
+        return axes_of(v.pred)
+    if isinstance(v, Pred):
+        axes = set()
+        for a in v.atoms:
+            part = a[2] if isinstance(a, tuple) else frozenset(a.axes())
+            if part is None:
+                return None
+            axes |= part
+        return frozenset(axes)
+    return None
+
+
+def as_atom(c: Opaque) -> Pred:
+    """An opaque boolean read from input data as a one-atom conjunction (it then keeps its
+    place, and its axes, in the allowed set of the mask built from it)."""
+    return Pred(frozenset({("opaque", c.why, c.axes)}))
+
+
+def _elementwise(x, y) -> Opaque:
+    """The Opaque result of an elementwise op on ``x``, ``y`` (one of them Opaque): it depends
+    on the axes of both (``arange(n) < lengths[:, None]``: batch and key)."""
+    o = x if isinstance(x, Opaque) else y
+    ax, ay = axes_of(x), axes_of(y)
+    axes = None if ax is None or ay is None else ax | ay
+    data = any(isinstance(t, Opaque) and t.data for t in (x, y))
+    state = any(isinstance(t, Opaque) and t.module_state for t in (x, y))
+    return Opaque(o.why, data, state, axes)
+
+
 def compare(op: str, x, y):
     if isinstance(x, Opaque) or isinstance(y, Opaque):
-        o = x if isinstance(x, Opaque) else y
-        return o
+        return _elementwise(x, y)
     if isinstance(x, Lin) and isinstance(y, Lin):
         diff = lin_add(x, y, -1)  # x - y
         d = diff.dict()
@@ -229,7 +269,7 @@ def cmp_scalar(op, a, c):
 def arith(op: str, x, y):
     """x op y where one side may be a Python scalar (as a constant Lin)."""
     if isinstance(x, Opaque) or isinstance(y, Opaque):
-        return x if isinstance(x, Opaque) else y
+        return _elementwise(x, y)
     if isinstance(x, Lin) and isinstance(y, Lin):
         if op == "add":
             return lin_add(x, y)
@@ -329,6 +369,18 @@ def map_axes(v, fn):
             d[k] = d.get(k, 0) + c
         return Lin.of(d)
 
+    def remap_axes(axes):  # an axis that disappears had size 1: nothing depended on it
+        return None if axes is None else frozenset(a for a in map(fn, axes) if a is not None)
+
+    if isinstance(v, Opaque):
+        return dataclasses.replace(v, axes=remap_axes(v.axes))
+    if isinstance(v, Pred):
+        atoms = frozenset(
+            (a[0], a[1], remap_axes(a[2])) if isinstance(a, tuple) else remap(a) for a in v.atoms
+        )
+        return Pred(atoms, v.false)
+    if isinstance(v, Sel):
+        return Sel(map_axes(v.pred, fn), v.a, v.b)
     return map_forms(v, remap)
 
 

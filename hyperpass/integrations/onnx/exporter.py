@@ -130,6 +130,12 @@ def _keep_exact_calls(program: torch.export.ExportedProgram) -> int:
                 f"hyper_attention call {node.name!r} has dropout_p={a['dropout_p']}; export the "
                 "model in eval() mode (dropout is a training-time operation)"
             )
+        if a["attn_mask"] is not None and a["is_causal"]:
+            raise ValueError(
+                f"hyper_attention call {node.name!r} is causal with a key-padding mask, which "
+                "SDPA (the exact body) takes only as one combined mask: export the model "
+                "unpadded, or pass the combined mask"
+            )
         q_val = node.args[0].meta["val"]
         reason = deploy_attrs.unsupported_reason(a)
         if reason is None:
