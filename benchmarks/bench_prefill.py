@@ -3,9 +3,10 @@ against eager Hugging Face and plain ``torch.compile`` (needs CUDA and transform
 
 The model: ``LlamaForCausalLM`` with Llama-3.1-8B's shapes (hidden 4096, 32 query / 8 KV heads,
 head dim 128, MLP 14336, vocabulary 128256) and ``--layers`` decoder layers, bf16,
-``attn_implementation="sdpa"``; one sequence of ``n`` random tokens, ``use_cache=False``, no
-gradients; ``--logits-to-keep 1`` computes the last position's logits only, as ``generate()``
-prefills (the LM head over every position is a third of the model's time at 128k). Rows:
+``attn_implementation="sdpa"``; one sequence of ``n`` random tokens (``--batch``, ``--left-pad``:
+a padded batch of prompts), ``use_cache=False``, no gradients; ``--logits-to-keep 1`` computes
+the last position's logits only, as ``generate()`` prefills (the LM head over every position is
+a third of the model's time at 128k). Rows:
 ``eager`` (the model as is), ``compile`` (``torch.compile(model)``), ``hyperpass``
 (``torch.compile(model, backend=hyperpass.backend())``: the defaults, the measured break-even
 included). Each: median wall time of the forward over a few calls after warm-up, peak memory,
@@ -58,6 +59,13 @@ def main() -> int:
     parser.add_argument("--lengths", nargs="+", type=int, default=[32768, 131072])
     parser.add_argument("--rows", default="eager,compile,hyperpass")
     parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument(
+        "--left-pad",
+        type=float,
+        default=0.0,
+        help="left-pad the first row by this share of n (a padded batch)",
+    )
     parser.add_argument("--logits-to-keep", type=int, default=0,
                         help="0: logits at every position; 1: the last one, as generate() "
                              "prefills")  # fmt: skip
@@ -70,10 +78,14 @@ def main() -> int:
     model = build(args.layers)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "layers": args.layers, "logits_to_keep": args.logits_to_keep,
-              "rows": []}  # fmt: skip
-    call_kwargs = {"use_cache": False, "logits_to_keep": args.logits_to_keep}
+              "batch": args.batch, "left_pad": args.left_pad, "rows": []}  # fmt: skip
     for n in args.lengths:
-        ids = torch.randint(0, 128256, (1, n), device="cuda")
+        ids = torch.randint(0, 128256, (args.batch, n), device="cuda")
+        call_kwargs = {"use_cache": False, "logits_to_keep": args.logits_to_keep}
+        if args.left_pad > 0:
+            keep = torch.ones_like(ids)
+            keep[0, : int(args.left_pad * n)] = 0
+            call_kwargs["attention_mask"] = keep
         for name in args.rows.split(","):
             row = {"n": n, "impl": name}
             try:
@@ -90,7 +102,7 @@ def main() -> int:
                     torch.cuda.synchronize()
                     row["first_call_s"] = round(time.perf_counter() - start, 1)
                     torch.cuda.reset_peak_memory_stats()
-                    call = lambda fn=fn, ids=ids: fn(ids, **call_kwargs)  # noqa: E731
+                    call = lambda fn=fn, ids=ids, kw=call_kwargs: fn(ids, **kw)  # noqa: E731
                     row["ms"] = round(timed(call, args.calls), 1)
                     row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 if backend is not None:

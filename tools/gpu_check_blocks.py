@@ -37,7 +37,9 @@ def _dense(part_num, part_idx, full_num, full_idx, n_blocks) -> torch.Tensor:
     return dense[..., :n_blocks]
 
 
-def select_case(batch, q_heads, kv_heads, n, dim, causal, params, grads=True) -> dict:
+def select_case(batch, q_heads, kv_heads, n, dim, causal, params, grads=True,
+                padded=False) -> dict:  # fmt: skip
+    """``padded``: a key-padding mask, left padding on row 0, right padding on the last row."""
     cfg = DEFAULT.replace(min_len=1, **params)
     gen = torch.Generator(device="cuda").manual_seed(n + dim)
     shape_q, shape_k = (batch, q_heads, n, dim), (batch, kv_heads, n, dim)
@@ -59,16 +61,24 @@ def select_case(batch, q_heads, kv_heads, n, dim, causal, params, grads=True) ->
         "blocks_per_tile": mine.sum(-1).float().mean().item(),
     }
     blocks = mine.view(batch, kv_heads, group, *mine.shape[2:])
+    valid = key_mask = None
+    if padded:
+        valid = torch.ones(batch, n, dtype=torch.bool, device="cuda")
+        valid[0, : n // 5] = False
+        valid[-1, n - n // 7 :] = False
+        key_mask = valid[:, None, None, :]
+        row["case"] += " padded"
 
     def reference(*tensors, dtype):
         qq, kk, vv = (t.to(dtype) for t in tensors)
         qs = (qq * scale).view(batch, kv_heads, group, n, dim)
         out, _ = block_sparse_attention(qs, kk, vv, blocks, cfg.query_block, cfg.select_block,
-                                        causal)  # fmt: skip
+                                        causal, valid)  # fmt: skip
         return out.reshape(shape_q)
 
     inputs = [t.detach().requires_grad_(grads) for t in (q, k, v)]
-    out = hyperpass.hyper_attention(*inputs, is_causal=causal, enable_gqa=True, config=cfg)
+    out = hyperpass.hyper_attention(*inputs, attn_mask=key_mask, is_causal=causal,
+                                    enable_gqa=True, config=cfg)  # fmt: skip
     oracle_in = [t.detach().double().requires_grad_(grads) for t in (q, k, v)]
     low_in = [t.detach().float().requires_grad_(grads) for t in (q, k, v)]
     oracle = reference(*oracle_in, dtype=torch.float64)
@@ -114,6 +124,8 @@ def cases(quick: bool):
     yield select_case, (1, 4, 4, n_small, 64, True, {})
     yield select_case, (1, 8, 2, n_small, 128, False, {})
     yield select_case, (1, 4, 1, n_small, 64, True, {"select_mass": 0.9, "select_min": 2})
+    yield select_case, (2, 4, 2, n_small, 64, True, {}, True, True)
+    yield select_case, (2, 4, 4, n_small, 128, False, {}, True, True)
     yield pattern_case, (1, 4, 2, n_small, 64, True, {"method": "longformer", "window": 1024})
     yield pattern_case, (1, 2, 2, n_small, 128, False, {"method": "dilated", "window": 512,
                                                         "dilation": 2})  # fmt: skip

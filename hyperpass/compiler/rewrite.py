@@ -211,6 +211,7 @@ def rewrite_graph(
     reports = []
     changed = False
     replaced: dict = {}  # a rewritten site's old output -> its new one (sites can chain)
+    key_masks: dict = {}  # a padding mask -> its key mask, one per mask (see _key_mask)
     for i, site in enumerate(sites):
         site.q, site.k, site.v = (replaced.get(t, t) for t in (site.q, site.k, site.v))
         cfg = options.config_for(site.module)
@@ -237,7 +238,7 @@ def rewrite_graph(
         )
         reports.append(report)
         if not code and not dry_run:
-            replaced[site.out] = _replace(gm, site, k, v, gqa, report.is_causal, cfg)
+            replaced[site.out] = _replace(gm, site, k, v, gqa, report.is_causal, cfg, key_masks)
             changed = True
     if changed:
         gm.graph.eliminate_dead_code()
@@ -274,7 +275,8 @@ def _native_gqa(site: Site):
     return site.k, site.v, gqa
 
 
-def _replace(gm, site: Site, k, v, gqa: bool, is_causal: bool, cfg: HyperConfig) -> fx.Node:
+def _replace(gm, site: Site, k, v, gqa: bool, is_causal: bool, cfg: HyperConfig,
+             key_masks: dict) -> fx.Node:  # fmt: skip
     graph = gm.graph
     with graph.inserting_before(site.out):
         q = site.q
@@ -283,7 +285,11 @@ def _replace(gm, site: Site, k, v, gqa: bool, is_causal: bool, cfg: HyperConfig)
         if site.unsqueeze_batch:
             q, k, v = (emit(graph, "call_method", "unsqueeze", (t, 0)) for t in (q, k, v))
         scale = _scale_value(graph, site)
-        key_mask = _key_mask(graph, site.mask_node) if _key_padding(site) else None
+        key_mask = None
+        if _key_padding(site):
+            if site.mask_node not in key_masks:
+                key_masks[site.mask_node] = _key_mask(graph, site.mask_node)
+            key_mask = key_masks[site.mask_node]
         args = op_args(q, k, v, attn_mask=key_mask, is_causal=is_causal, scale=scale,
                        enable_gqa=gqa, config=cfg)  # fmt: skip
         new = emit(graph, "call_function", hyper_attention_op, args)
@@ -298,8 +304,9 @@ def _replace(gm, site: Site, k, v, gqa: bool, is_causal: bool, cfg: HyperConfig)
 
 def _key_mask(graph, mask: fx.Node) -> fx.Node:
     """The [B, 1, 1, Nk] boolean key mask of a proven (causal and) key-padding SDPA mask: its
-    last query row (every key a causal row may see), head 0. Inductor computes that row alone
-    where the mask is built elementwise, so the n x n mask is never materialized."""
+    last query row (every key a causal row may see), head 0. One per mask, shared by the
+    layers that read it: the mask then has one reader, and Inductor computes that row alone
+    where the mask is built elementwise (several readers would make it materialize the mask)."""
     meta = meta_of(mask)
     index = (Ellipsis, *([slice(0, 1)] if meta.dim() >= 3 else []), slice(-1, None), slice(None))
     row = emit(graph, "call_function", operator.getitem, (mask, index))
