@@ -88,3 +88,40 @@ def emit(graph: fx.Graph, op: str, target, args) -> fx.Node:
     except Exception as err:  # noqa: BLE001 - metadata only; AOTAutograd re-traces anyway
         log.debug("hyperpass: no example_value for %s (%s)", node, err)
     return node
+
+
+def remove_orphans(graph: fx.Graph, roots) -> None:
+    """Erase the nodes a rewrite left without users, from ``roots`` up through their inputs,
+    where they are pure. Not a whole-graph dead-code pass: a user's graph may hold nodes whose
+    value nobody reads but whose effect matters (in-place methods, distributed ops), which
+    ``Graph.eliminate_dead_code`` drops (an in-place ``copy_`` of a tensor-parallel HF model:
+    it then computed another answer)."""
+    stack, erased = list(roots), set()
+    while stack:
+        node = stack.pop()
+        if node in erased or node.users or not _pure(node):
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        erased.add(node)
+        stack.extend(inputs)
+
+
+_IN_PLACE_OPERATORS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.imatmul,
+    operator.ilshift, operator.irshift,
+}  # fmt: skip
+
+
+def _pure(node: fx.Node) -> bool:
+    if node.op not in ("call_function", "call_method") or node.is_impure():
+        return False
+    if node.target in _IN_PLACE_OPERATORS:
+        return False
+    module = str(getattr(node.target, "__module__", ""))
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    # in place: ``x.add_()``, ``torch.relu_`` (not ``operator.and_``, which is not)
+    if module != "_operator" and name.endswith("_") and not name.endswith("__"):
+        return False
+    return "distributed" not in module

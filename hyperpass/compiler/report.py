@@ -97,6 +97,8 @@ def _shape(s) -> str:
 def _mask_cell(r: SiteReport) -> str:
     if r.mask == "none":
         return "is_causal" if r.is_causal else "none"
+    if r.rewritten and r.mask in ("padding", "causal+padding"):
+        return r.mask + " -> key mask"  # the op takes the mask's last row, [B, 1, 1, Nk]
     return r.mask + (" -> causal op" if r.is_causal else "")
 
 

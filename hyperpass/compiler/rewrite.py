@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from hyperpass.compiler.fx_utils import emit, meta_of
+from hyperpass.compiler.fx_utils import emit, meta_of, remove_orphans
 from hyperpass.compiler.gqa import unwrap_repeat_kv
 from hyperpass.compiler.handwritten import FailedMatch, match_handwritten
 from hyperpass.compiler.masks import MaskInfo
@@ -241,7 +241,6 @@ def rewrite_graph(
             replaced[site.out] = _replace(gm, site, k, v, gqa, report.is_causal, cfg, key_masks)
             changed = True
     if changed:
-        gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
     if not dry_run:
@@ -298,7 +297,9 @@ def _replace(gm, site: Site, k, v, gqa: bool, is_causal: bool, cfg: HyperConfig,
         if key in site.out.meta:
             new.meta.setdefault(key, site.out.meta[key])
     site.out.replace_all_uses_with(out)
+    inputs = site.out.all_input_nodes
     graph.erase_node(site.out)
+    remove_orphans(graph, inputs)  # the old attention's softmax, mask, repeated K/V
     return out
 
 

@@ -241,3 +241,11 @@ def test_gemma3_global_layers_rewritten_sliding_layers_exact(impl, use_cache):
         want = "rewritten" if kind == "full_attention" else "mask:sliding-window"
         assert report.code == want, (report.module, report.reason)
     torch.testing.assert_close(out, ref)
+
+
+def test_explain_reports_a_padded_batch_rewritten():
+    model = _model("qwen2", "sdpa")
+    ids = _ids()
+    reports = hyperpass.explain(model, ids, model_kwargs={"attention_mask": _padding(ids, "left")},
+                                min_len=16, print_table=False)  # fmt: skip
+    assert [(r.decision, r.mask) for r in reports] == [("rewritten", "causal+padding")] * N_LAYERS

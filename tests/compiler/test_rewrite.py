@@ -319,3 +319,20 @@ def test_key_padding_masks_rewritten_with_select(name):
     for a, b in zip(inputs, ref_inputs, strict=True):
         if a.requires_grad:
             torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_rewrite_keeps_in_place_ops_whose_result_nobody_reads():
+    """``buf.add_(1)``'s own value is unused, its effect is read: the rewrite removes only what
+    the replaced attention left behind (a whole-graph dead-code pass dropped such nodes, and a
+    tensor-parallel HF model computed another answer)."""
+
+    def f(q, k, v):
+        buf = torch.zeros(q.shape[-1])
+        buf.add_(1.0)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True) + buf
+
+    q, k, v = (torch.randn(1, 2, 64, 8, generator=torch.Generator().manual_seed(i))
+               for i in range(3))  # fmt: skip
+    be = hyperpass.backend(min_len=16, inner="aot_eager", **EXACT)
+    torch.testing.assert_close(torch.compile(f, backend=be)(q, k, v), f(q, k, v))
+    assert [r.code for r in be.reports] == ["rewritten"]

@@ -39,7 +39,8 @@ def _spawn(fn, tmp_path, *args):
 
 
 def _worker(rank, fn, out_dir, port, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD),
+                      RANK=str(rank), LOCAL_RANK=str(rank))  # fmt: skip
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         from torch.distributed.tensor import DeviceMesh
@@ -222,3 +223,62 @@ def test_fsdp2_training_step_matches_one_process(tmp_path):
         torch.testing.assert_close(r["loss"], loss.detach(), atol=1e-6, rtol=1e-5)
         for name, p in model.named_parameters():
             torch.testing.assert_close(r["grads"][name], p.grad, atol=1e-6, rtol=1e-4)
+
+
+def _tiny_hf_llama(path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+
+
+HF_SELECT = {**SELECT, "sinks": 0}  # 1 of the 3 earlier blocks for the last tile: approximate
+
+
+def _hf_logits(path, route, mesh=None):
+    """Logits of the saved model, loaded with its TP plan over ``mesh`` (or whole), through
+    ``attn_implementation="hyperpass"`` or the compile backend; and the sites approximated."""
+    import transformers
+
+    tp = {} if mesh is None else {"tp_plan": "auto"}  # the mesh of WORLD_SIZE ranks
+    impl = "hyperpass" if route == "attn_implementation" else "sdpa"  # "exact": plain sdpa
+    if route == "attn_implementation":
+        hyperpass.register_hf(**HF_SELECT)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl, **tp)
+    ids = torch.randint(0, 64, (2, 128), generator=torch.Generator().manual_seed(1))
+    heads = model.model.layers[0].self_attn.q_proj.weight
+    local_rows = heads.to_local().shape[0] if hasattr(heads, "to_local") else heads.shape[0]
+    be = hyperpass.backend(inner="aot_eager", **HF_SELECT)
+    run = torch.compile(model, backend=be) if route == "backend" else model
+    if route == "attn_implementation":
+        hyperpass.hf.report().reset()
+    with torch.no_grad():
+        logits = run(ids, use_cache=False).logits
+    approximated = {
+        "backend": lambda: sum(r.rewritten for r in be.reports),
+        "attn_implementation": lambda: hyperpass.hf.report().totals().approximated,
+    }.get(route, lambda: 0)()
+    return {"logits": logits, "approximated": approximated, "q_rows": local_rows}
+
+
+def _hf_tensor_parallel(mesh, path, route):
+    return _hf_logits(path, route, mesh)
+
+
+@pytest.mark.parametrize("route", ["attn_implementation", "backend"])
+def test_hugging_face_tp_plan_matches_one_process(tmp_path, route):
+    """``from_pretrained(tp_plan="auto")`` over 2 ranks (q/k/v colwise: each rank holds half
+    the heads, local tensors into the op), approximated, equals one process's logits."""
+    path = str(tmp_path / "model")
+    _tiny_hf_llama(path)
+    results = _spawn(_hf_tensor_parallel, tmp_path, path, route)
+    want = _hf_logits(path, route)
+    exact = _hf_logits(path, "exact")
+    assert want["q_rows"] == 32 and want["approximated"] == 2
+    assert (want["logits"] - exact["logits"]).abs().max() > 1e-3  # it approximates
+    for r in results:
+        assert r["q_rows"] == 16 and r["approximated"] == 2  # sharded, and approximated
+        torch.testing.assert_close(r["logits"], want["logits"], atol=1e-5, rtol=1e-5)
