@@ -13,9 +13,13 @@ heads over 3 KV heads, head dim 64) at 8192 tokens:
 Every row reports the attention work: query-key scores computed per query in a rewritten layer
 (``keys_per_query``), counted from the configuration. Exact causal attention scores (N+1)/2.
 
-Attention is routed by wrapping ``torch.nn.functional.scaled_dot_product_attention`` while the
-model runs (``attn_implementation="sdpa"``); the layer index comes from a pre-hook on each
-attention module. A boolean mask becomes ``is_causal=True`` only when it equals the causal mask.
+Attention goes through the product's own path (``--route hf``, the default):
+``hyperpass.register_hf`` registers the configuration as an ``attn_implementation``
+(``last_n_layers`` for the rows that rewrite only the last layers, ``min_len=1``), the model
+switches to it, and the row records how many calls hyperpass approximated and why the others
+stayed exact (its routing report). ``--route router`` wraps SDPA instead (the earlier harness;
+with ``--impl reference`` it calls the reference directly), and Q/K/V capture for the kernel
+level always uses it.
 
 Usage::
 
@@ -41,6 +45,9 @@ import quality_texts
 import torch
 import torch.nn.functional as F
 
+import hyperpass
+import hyperpass.integrations.hf
+import hyperpass.integrations.patching
 from hyperpass.config import DEFAULT, HyperConfig
 from hyperpass.reference import exact_attention, hyper_attention_reference
 
@@ -135,13 +142,26 @@ class Router:
             F.scaled_dot_product_attention = self
 
 
+@contextlib.contextmanager
+def _hf_route(model, name: str, params: dict, rewritten: int, n_layers: int):
+    """The configuration as an attn_implementation (the product's path); yields its report."""
+    impl = f"hyperpass-quality-{name}"
+    last = None if rewritten >= n_layers else rewritten
+    hyperpass.register_hf(impl, last_n_layers=last, **{"min_len": 1, **params})
+    report = hyperpass.integrations.hf.report(impl)
+    report.reset()
+    model.set_attn_implementation(impl)
+    try:
+        yield report
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
 def approximate(q, k, v, scale, params: dict, impl: str):
     """Causal attention of q [B, Hq, N, D] over k, v [B, Hkv, N, D] by one configuration."""
     cfg = DEFAULT.replace(**{"min_len": 1, **params})  # approximate at every length
     if impl == "reference":
         return hyper_attention_reference(q, k, v, is_causal=True, scale=scale, config=cfg)[0]
-    import hyperpass
-
     return hyperpass.hyper_attention(
         q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1], config=cfg
     )
@@ -352,6 +372,7 @@ def run(args) -> None:
             "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
             "torch": torch.__version__,
             "impl": args.impl,
+            "route": args.route,
         }
     )
     t0 = time.time()
@@ -388,7 +409,12 @@ def run(args) -> None:
         ) / n_layers
         row["work_ratio"] = exact_work / row["model_keys_per_query"]
         t1 = time.time()
-        with router.active():
+        routing = (
+            _hf_route(model, name, params, rewritten, n_layers)
+            if args.route == "hf" and params is not None
+            else router.active()
+        )
+        with routing as report:
             for text, ids in texts.items():
                 row[f"ppl_{text}"] = perplexity(model, ids)
                 print(f"  {name}: perplexity on {text}: {row[f'ppl_{text}']:.3f} "
@@ -402,6 +428,10 @@ def run(args) -> None:
                       flush=True)  # fmt: skip
             row["passkey"] = scores
             row["passkey_mean"] = float(np.mean(list(scores.values())))
+            if isinstance(report, hyperpass.integrations.patching.RoutingReport):
+                totals = report.totals()
+                row["calls_approximated"] = totals.approximated
+                row["calls_exact"] = dict(totals.exact)
         if captured is not None and params is not None:
             row.update(kernel_errors(captured, params))
         row["seconds"] = time.time() - t1
@@ -553,7 +583,18 @@ def main(argv=None) -> None:
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--configs", type=lambda s: s.split(","), default=["exact"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--impl", choices=("op", "reference"), default="op")
+    parser.add_argument(
+        "--impl",
+        choices=("op", "reference"),
+        default="op",
+        help="with --route router: the op or the reference directly",
+    )
+    parser.add_argument(
+        "--route",
+        choices=("hf", "router"),
+        default="hf",
+        help="hf: attn_implementation via register_hf (the product's path)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--n-tokens", type=int, default=N_TOKENS)
     parser.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=DEPTHS)
