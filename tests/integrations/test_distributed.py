@@ -227,6 +227,7 @@ def test_fsdp2_training_step_matches_one_process(tmp_path):
 
 def _tiny_hf_llama(path):
     transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers loads a tp_plan through it
     config = transformers.LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
