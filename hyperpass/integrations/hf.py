@@ -29,7 +29,7 @@ import torch
 from hyperpass import config as _config
 from hyperpass.config import HyperConfig
 from hyperpass.integrations.patching import RoutingReport, note_call
-from hyperpass.op import hyper_attention_op, op_args
+from hyperpass.op import causal_and, hyper_attention_op, op_args
 from hyperpass.op.eligibility import skip_reason_words
 from hyperpass.selection import check_exclusive, check_last_n_layers
 
@@ -81,7 +81,7 @@ def _make_attention(config: HyperConfig, report: RoutingReport, layers, last_n_l
         elif not _select_layer(module, layers, last_n_layers):
             exact_reason = "layer not selected"
         if exact_reason is not None and key_mask is not None:
-            attention_mask = _whole(key_mask, query)
+            attention_mask = causal_and(key_mask, query.shape[2], query.shape[2])
         if exact_reason is not None:
             note_call(report, site, lambda: exact_reason, exact_reason)
             return sdpa_attention_forward(
@@ -102,7 +102,7 @@ def _make_attention(config: HyperConfig, report: RoutingReport, layers, last_n_l
             reason = skip_reason_words(query, key, value, key_mask, 0.0, causal, gqa, config)
             note_call(report, site, lambda: reason)
             if reason is not None:
-                mask = None if key_mask is None else _whole(key_mask, query)
+                mask = None if key_mask is None else causal_and(key_mask, q_len, q_len)
                 return sdpa_attention_forward(
                     module, query, key, value, mask, dropout, scaling, causal and mask is None,
                     **kwargs,
@@ -114,12 +114,6 @@ def _make_attention(config: HyperConfig, report: RoutingReport, layers, last_n_l
         return out.transpose(1, 2).contiguous(), None
 
     return hyperpass_attention_forward
-
-
-def _whole(key_mask, query):
-    """Causal AND a key mask, as the [B, 1, N, N] mask SDPA takes."""
-    n = query.shape[2]
-    return key_mask & torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
 
 
 def _is_key_mask(mask, query, key) -> bool:

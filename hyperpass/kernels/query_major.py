@@ -61,21 +61,23 @@ def _scatter_kernel(PART_NUM, PART_IDX, FULL_NUM, FULL_IDX, BITMAP,
     t = tl.program_id(0)
     r = tl.program_id(1).to(tl.int64)
     out = BITMAP + r * n_kv_blocks * n_tiles + t
+    _scatter_list(PART_NUM + r * n_tiles + t, PART_IDX + (r * n_tiles + t) * stride_pt,
+                  stride_pj, width_part, out, n_tiles, n_kv_blocks, 1, IDS)  # fmt: skip
+    _scatter_list(FULL_NUM + r * n_tiles + t, FULL_IDX + (r * n_tiles + t) * stride_ft,
+                  stride_fj, width_full, out, n_tiles, n_kv_blocks, 2, IDS)  # fmt: skip
+
+
+@triton.jit
+def _scatter_list(NUM, IDX, stride_j, width, out, n_tiles, n_kv_blocks, kind: tl.constexpr,
+                  IDS: tl.constexpr):  # fmt: skip
+    """Mark ``kind`` in this tile's column of the bitmap for each id of one list."""
     i = tl.arange(0, IDS)
-    count = tl.minimum(tl.load(PART_NUM + r * n_tiles + t), width_part)
-    base = PART_IDX + r * n_tiles * stride_pt + t * stride_pt
+    count = tl.minimum(tl.load(NUM), width)
     for s in range(0, count, IDS):
         ok = s + i < count
-        j = tl.load(base + (s + i) * stride_pj, mask=ok, other=0)
+        j = tl.load(IDX + (s + i) * stride_j, mask=ok, other=0)
         ok = ok & (j >= 0) & (j < n_kv_blocks)
-        tl.store(out + j.to(tl.int64) * n_tiles, tl.full([IDS], 1, tl.int8), mask=ok)
-    count = tl.minimum(tl.load(FULL_NUM + r * n_tiles + t), width_full)
-    base = FULL_IDX + r * n_tiles * stride_ft + t * stride_ft
-    for s in range(0, count, IDS):
-        ok = s + i < count
-        j = tl.load(base + (s + i) * stride_fj, mask=ok, other=0)
-        ok = ok & (j >= 0) & (j < n_kv_blocks)
-        tl.store(out + j.to(tl.int64) * n_tiles, tl.full([IDS], 2, tl.int8), mask=ok)
+        tl.store(out + j.to(tl.int64) * n_tiles, tl.full([IDS], kind, tl.int8), mask=ok)
 
 
 @triton.jit

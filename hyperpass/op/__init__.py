@@ -9,6 +9,7 @@ eligibility rule. Importing it registers the op; it never imports Triton or the 
 
 from hyperpass.op.eligibility import Reason, skip_reason
 from hyperpass.op.registration import (
+    causal_and,
     hyper_attention,
     hyper_attention_backward,
     hyper_attention_op,
@@ -19,6 +20,7 @@ __all__ = [
     "BACKWARD_SCHEMA",
     "FORWARD_SCHEMA",
     "Reason",
+    "causal_and",
     "hyper_attention",
     "hyper_attention_backward",
     "hyper_attention_op",

@@ -33,13 +33,16 @@ log = logging.getLogger("hyperpass")
 def _exact(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     kwargs = {"enable_gqa": True} if enable_gqa else {}
     if attn_mask is not None and is_causal:  # causal AND a key-padding mask (SDPA takes one)
-        nq, nk = q.shape[-2], k.shape[-2]
-        causal = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril()
-        attn_mask, is_causal = attn_mask & causal, False
+        attn_mask, is_causal = causal_and(attn_mask, q.shape[-2], k.shape[-2]), False
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
         **kwargs,
     )  # fmt: skip
+
+
+def causal_and(key_mask: Tensor, nq: int, nk: int) -> Tensor:
+    """Causal AND a key-padding mask, as the one boolean mask SDPA takes."""
+    return key_mask & torch.ones(nq, nk, dtype=torch.bool, device=key_mask.device).tril()
 
 
 def _kernel_module():
