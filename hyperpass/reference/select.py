@@ -43,7 +43,7 @@ from hyperpass.reference.softmax import attend
 
 BUCKET_WIDTH = 0.125  # score units (natural-log logits) per ranking bucket
 N_BUCKETS = 128  # buckets below the best candidate; lower scores share the last
-_TILES_PER_STEP = 4  # query tiles per step of the attention: bounds the score matrix's memory
+_SCORE_BUDGET = 2**26  # scores per step of the attention (256 MB of fp32): bounds its memory
 
 
 @dataclass
@@ -188,23 +188,38 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, qb: 
                            causal: bool, key_valid: Tensor | None = None):  # fmt: skip
     """(out, lse) of exact attention of each query tile over its ``blocks`` [.., n_t, n_b]
     (and, when causal, only keys at or before the query; with ``key_valid`` [B, Nk], only
-    valid keys), by steps of a few tiles."""
-    nq, nk = q.shape[-2], k.shape[-2]
-    k_pos = torch.arange(nk, device=q.device)
+    valid keys). Each tile scores only the keys of its blocks, gathered (slots past a tile's
+    block count are masked), by steps of tiles that bound the score matrix's memory."""
+    batch, kv_heads, groups, nq, dim = q.shape
+    nk, n_t, n_b = k.shape[-2], blocks.shape[-2], blocks.shape[-1]
+    slots = max(int(blocks.sum(-1).amax()), 1)
+    # the chosen blocks first (ascending), then unchosen ones as masked padding slots
+    order = (~blocks).to(torch.int32).argsort(dim=-1, stable=True)[..., :slots]
+    slot_used = blocks.gather(-1, order)  # [B, Hkv, G, n_t, slots]
+    key_blocks = torch.nn.functional.pad(k, (0, 0, 0, n_b * kb - nk)).unflatten(-2, (n_b, kb))
+    value_blocks = torch.nn.functional.pad(v, (0, 0, 0, n_b * kb - nk)).unflatten(-2, (n_b, kb))
+    q_rows = torch.nn.functional.pad(q, (0, 0, 0, n_t * qb - nq)).unflatten(-2, (n_t, qb))
+    b_idx = torch.arange(batch, device=q.device).view(batch, 1, 1, 1, 1)
+    h_idx = torch.arange(kv_heads, device=q.device).view(1, kv_heads, 1, 1, 1)
+    step = max(1, _SCORE_BUDGET // (batch * kv_heads * groups * qb * slots * kb))
     outs, lses = [], []
-    for first in range(0, blocks.shape[-2], _TILES_PER_STEP):
-        rows = torch.arange(first * qb, min((first + _TILES_PER_STEP) * qb, nq), device=q.device)
-        tile_blocks = blocks[..., first : first + _TILES_PER_STEP, :]  # [.., tiles, n_b]
-        keep = tile_blocks.repeat_interleave(kb, -1)[..., :nk]  # [.., tiles, nk]
-        keep = keep.repeat_interleave(qb, -2)[..., : len(rows), :]  # [.., rows, nk]
+    for first in range(0, n_t, step):
+        tiles = slice(first, first + step)
+        idx = order[..., tiles, :]  # [B, Hkv, G, t, slots]
+        keys = key_blocks[b_idx, h_idx, idx].flatten(-3, -2)  # [B, Hkv, G, t, slots*kb, D]
+        values = value_blocks[b_idx, h_idx, idx].flatten(-3, -2)
+        k_pos = (idx[..., None] * kb + torch.arange(kb, device=q.device)).flatten(-2)
+        keep = slot_used[..., tiles, :].repeat_interleave(kb, -1) & (k_pos < nk)
+        keep = keep[..., None, :]  # [B, Hkv, G, t, 1, slots*kb]
         if causal:
-            keep = keep & (k_pos <= rows[:, None])
+            rows = torch.arange(n_t * qb, device=q.device).view(n_t, qb)[tiles]
+            keep = keep & (k_pos[..., None, :] <= rows[..., None])
         if key_valid is not None:
-            keep = keep & key_valid[:, None, None, None, :]
-        out, lse = attend(q[..., rows, :], k.unsqueeze(2), v.unsqueeze(2), keep)
-        outs.append(out)
-        lses.append(lse)
-    return torch.cat(outs, -2), torch.cat(lses, -1)
+            keep = keep & key_valid[b_idx, k_pos.clamp(max=nk - 1)][..., None, :]
+        out, lse = attend(q_rows[..., tiles, :, :], keys, values, keep)
+        outs.append(out.flatten(-3, -2))
+        lses.append(lse.flatten(-2))
+    return torch.cat(outs, -2)[..., :nq, :], torch.cat(lses, -1)[..., :nq]
 
 
 def select_attention(q: Tensor, k: Tensor, v: Tensor, cfg: HyperConfig, causal: bool,

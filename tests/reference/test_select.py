@@ -165,3 +165,40 @@ def test_select_gradients_through_the_op(causal):
 def test_select_parameters_are_validated(params, message):
     with pytest.raises(ValueError, match=message):
         HyperConfig(method="select", **params)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparse_attention_equals_dense_masked_attention(causal):
+    """Any block pattern (tiles with no block, uneven counts, a ragged last block), with a key
+    mask that leaves some rows no key: the gathered computation equals dense masked softmax,
+    outputs, log-sum-exps and gradients."""
+    from hyperpass.reference.select import block_sparse_attention
+    from hyperpass.reference.softmax import attend
+
+    gen = torch.Generator().manual_seed(3)
+    batch, kv_heads, groups, n, dim, qb, kb = 2, 2, 3, 150, 16, 32, 16
+    q = torch.randn(batch, kv_heads, groups, n, dim, generator=gen).requires_grad_()
+    k = torch.randn(batch, kv_heads, n, dim, generator=gen).requires_grad_()
+    v = torch.randn(batch, kv_heads, n, dim, generator=gen).requires_grad_()
+    n_t, n_b = math.ceil(n / qb), math.ceil(n / kb)
+    blocks = torch.rand(batch, kv_heads, groups, n_t, n_b, generator=gen) < 0.3
+    blocks[0, 0, 0, 1] = False  # a tile with no block
+    key_valid = torch.ones(batch, n, dtype=torch.bool)
+    key_valid[1, :40] = False  # left padding: early rows of batch 1 have no valid key
+    out, lse = block_sparse_attention(q, k, v, blocks, qb, kb, causal, key_valid)
+
+    keep = blocks.repeat_interleave(kb, -1)[..., :n].repeat_interleave(qb, -2)[..., :n, :]
+    keep = keep & key_valid[:, None, None, None, :]
+    if causal:
+        keep = keep & torch.ones(n, n, dtype=torch.bool).tril()
+    want_out, want_lse = attend(q, k.unsqueeze(2), v.unsqueeze(2), keep)
+    torch.testing.assert_close(out, want_out, **FP32)
+    torch.testing.assert_close(lse, want_lse, **FP32)
+    assert (lse == -math.inf).any() and lse.isfinite().any()  # both kinds of rows are exercised
+
+    grad = torch.randn(out.shape, generator=gen)
+    got = torch.autograd.grad((out * grad).sum(), (q, k, v))
+    want = torch.autograd.grad((want_out * grad).sum(), (q, k, v))
+    for g, w in zip(got, want, strict=True):
+        assert g.isfinite().all()
+        torch.testing.assert_close(g, w, **FP32)
