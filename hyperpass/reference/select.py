@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from hyperpass.config import HyperConfig
-from hyperpass.reference.softmax import attend
+from hyperpass.reference.softmax import attend, pad_rows
 
 BUCKET_WIDTH = 0.125  # score units (natural-log logits) per ranking bucket
 N_BUCKETS = 128  # buckets below the best candidate; lower scores share the last
@@ -100,7 +100,7 @@ def block_scores(q: Tensor, k: Tensor, geo: TileGeometry, groups: int,
     ``rep_dtype`` as the GPU's tensor-core dots take them)."""
     batch, kv_heads, nk, dim = k.shape
     n_b, kb = geo.n_blocks, geo.kb
-    keys = torch.nn.functional.pad(k, (0, 0, 0, n_b * kb - nk)).unflatten(-2, (n_b, kb))
+    keys = pad_rows(k, n_b * kb).unflatten(-2, (n_b, kb))
     valid = (torch.arange(n_b * kb, device=k.device) < nk).view(n_b, kb, 1)
     kmax = keys.masked_fill(~valid, float("-inf")).amax(-2).float()  # [B, Hkv, n_b, D]
     kmin = keys.masked_fill(~valid, float("inf")).amin(-2).float()
@@ -120,7 +120,7 @@ def representatives(q: Tensor, geo: TileGeometry, groups: int) -> tuple[Tensor, 
     [B, Hkv, G, n_tiles, groups, D] fp32, whether the group has a row [n_tiles, groups])."""
     nq, n_t, qb = geo.nq, geo.n_tiles, geo.qb
     size = qb // groups
-    rows = torch.nn.functional.pad(q.float(), (0, 0, 0, n_t * qb - nq))
+    rows = pad_rows(q.float(), n_t * qb)
     rows = rows.unflatten(-2, (n_t, groups, size))
     count = (torch.arange(n_t * qb, device=q.device) < nq).view(n_t, groups, size).sum(-1)
     reps = rows.sum(-2) / count.clamp(min=1)[..., None]
@@ -190,15 +190,16 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, qb: 
     (and, when causal, only keys at or before the query; with ``key_valid`` [B, Nk], only
     valid keys). Each tile scores only the keys of its blocks, gathered (slots past a tile's
     block count are masked), by steps of tiles that bound the score matrix's memory."""
-    batch, kv_heads, groups, nq, dim = q.shape
+    batch, kv_heads, groups, nq, _ = q.shape
     nk, n_t, n_b = k.shape[-2], blocks.shape[-2], blocks.shape[-1]
     slots = max(int(blocks.sum(-1).amax()), 1)
     # the chosen blocks first (ascending), then unchosen ones as masked padding slots
     order = (~blocks).to(torch.int32).argsort(dim=-1, stable=True)[..., :slots]
     slot_used = blocks.gather(-1, order)  # [B, Hkv, G, n_t, slots]
-    key_blocks = torch.nn.functional.pad(k, (0, 0, 0, n_b * kb - nk)).unflatten(-2, (n_b, kb))
-    value_blocks = torch.nn.functional.pad(v, (0, 0, 0, n_b * kb - nk)).unflatten(-2, (n_b, kb))
-    q_rows = torch.nn.functional.pad(q, (0, 0, 0, n_t * qb - nq)).unflatten(-2, (n_t, qb))
+    key_blocks = pad_rows(k, n_b * kb).unflatten(-2, (n_b, kb))
+    value_blocks = pad_rows(v, n_b * kb).unflatten(-2, (n_b, kb))
+    q_rows = pad_rows(q, n_t * qb).unflatten(-2, (n_t, qb))
+    row_pos = torch.arange(n_t * qb, device=q.device).view(n_t, qb)
     b_idx = torch.arange(batch, device=q.device).view(batch, 1, 1, 1, 1)
     h_idx = torch.arange(kv_heads, device=q.device).view(1, kv_heads, 1, 1, 1)
     step = max(1, _SCORE_BUDGET // (batch * kv_heads * groups * qb * slots * kb))
@@ -212,8 +213,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, qb: 
         keep = slot_used[..., tiles, :].repeat_interleave(kb, -1) & (k_pos < nk)
         keep = keep[..., None, :]  # [B, Hkv, G, t, 1, slots*kb]
         if causal:
-            rows = torch.arange(n_t * qb, device=q.device).view(n_t, qb)[tiles]
-            keep = keep & (k_pos[..., None, :] <= rows[..., None])
+            keep = keep & (k_pos[..., None, :] <= row_pos[tiles, :, None])
         if key_valid is not None:
             keep = keep & key_valid[b_idx, k_pos.clamp(max=nk - 1)][..., None, :]
         out, lse = attend(q_rows[..., tiles, :, :], keys, values, keep)
