@@ -21,6 +21,7 @@ import torch
 
 import hyperpass
 from hyperpass.config import DEFAULT
+from hyperpass.kernels import flex
 from hyperpass.kernels.select_blocks import select_block_lists
 from hyperpass.reference import hyper_attention_reference
 from hyperpass.reference.select import block_sparse_attention, select_block_mask
@@ -37,9 +38,21 @@ def _dense(part_num, part_idx, full_num, full_idx, n_blocks) -> torch.Tensor:
     return dense[..., :n_blocks]
 
 
-def select_case(batch, q_heads, kv_heads, n, dim, causal, params, grads=True,
-                padded=False) -> dict:  # fmt: skip
-    """``padded``: a key-padding mask, left padding on row 0, right padding on the last row."""
+def select_case(batch, q_heads, kv_heads, n, dim, causal, params, grads=True, padded=False,
+                pairs_per_copy=None) -> dict:  # fmt: skip
+    """``padded``: a key-padding mask, left padding on row 0, right padding on the last row.
+    ``pairs_per_copy``: the backward's copies of the sink blocks from that many pairs on."""
+    if pairs_per_copy is not None:
+        default, flex._PAIRS_PER_SINK_COPY = flex._PAIRS_PER_SINK_COPY, pairs_per_copy
+        try:
+            row = select_case(batch, q_heads, kv_heads, n, dim, causal, params, grads, padded)
+        finally:
+            flex._PAIRS_PER_SINK_COPY = default
+        group = q_heads // kv_heads
+        copies = flex.sink_copies(DEFAULT.replace(**params), n, n, group, causal, padded)
+        row["case"] += f" sink copies {copies}"
+        row["ok"] = row["ok"] and copies > 1
+        return row
     cfg = DEFAULT.replace(min_len=1, **params)
     gen = torch.Generator(device="cuda").manual_seed(n + dim)
     shape_q, shape_k = (batch, q_heads, n, dim), (batch, kv_heads, n, dim)
@@ -126,6 +139,9 @@ def cases(quick: bool):
     yield select_case, (1, 4, 1, n_small, 64, True, {"select_mass": 0.9, "select_min": 2})
     yield select_case, (2, 4, 2, n_small, 64, True, {}, True, True)
     yield select_case, (2, 4, 4, n_small, 128, False, {}, True, True)
+    yield select_case, (1, 8, 2, n_small, 64, True, {}, True, False, 32)  # odd: padded keys
+    yield select_case, (2, 4, 4, n_small, 128, False, {}, True, True, 32)
+    yield select_case, (1, 4, 2, 4096, 128, False, {"sinks": 200}, True, False, 32)
     yield pattern_case, (1, 4, 2, n_small, 64, True, {"method": "longformer", "window": 1024})
     yield pattern_case, (1, 2, 2, n_small, 128, False, {"method": "dilated", "window": 512,
                                                         "dilation": 2})  # fmt: skip

@@ -194,23 +194,80 @@ def _kernel_options(config: HyperConfig, head_dim: int) -> dict | None:
     return options or None
 
 
+# (query head, tile) pairs of one KV head reading one copy of a sink block in the backward
+# (H200, tools/probe_backward.py: 512 and 128 ran within 2%; one copy for 4096 pairs, 1.4x slower)
+_PAIRS_PER_SINK_COPY = 512
+
+
+def sink_copies(config: HyperConfig, nq: int, nk: int, group: int, causal: bool,
+                padded: bool) -> int:  # fmt: skip
+    """Copies of the sink blocks for FlexAttention's backward (0: none). Every tile reads the
+    sink blocks, so in the backward their key-major programs walk every tile of every query
+    head of a KV head while the others walk a few dozen; copies split that walk. The keys are
+    padded to whole blocks before the copies: allowed where the causal mask (or the key
+    padding mask) hides the pad."""
+    from hyperpass.kernels.select_blocks import sink_blocks
+
+    kb = config.select_block
+    n_sink = sink_blocks(config, nk)
+    hidden = nk % kb == 0 or padded or (causal and nq <= nk)
+    if n_sink == 0 or n_sink * kb > nk or not hidden:
+        return 0
+    copies = cdiv(cdiv(nq, config.query_block) * group, _PAIRS_PER_SINK_COPY)
+    return copies if copies > 1 else 0
+
+
+def _with_sink_copies(k, v, valid, kb: int, n_sink: int, copies: int):
+    """(k, v, valid) padded to whole blocks of ``kb`` and followed by ``copies`` copies of the
+    first ``n_sink`` blocks (gradients flow back to the originals)."""
+    nk = k.shape[-2]
+    pad = cdiv(nk, kb) * kb - nk
+
+    def extend(t, dim):
+        head = t.narrow(dim, 0, n_sink * kb)
+        padding = [t.new_zeros(*t.shape[:dim], pad, *t.shape[dim + 1 :])] if pad else []
+        reps = [1] * t.dim()
+        reps[dim] = copies
+        return torch.cat([t, *padding, head.repeat(*reps)], dim=dim)
+
+    return extend(k, 2), extend(v, 2), None if valid is None else extend(valid, 1)
+
+
+def _records_autograd(*tensors: Tensor) -> bool:
+    """Autograd records this call: gradients are on and not below the autograd dispatch (as
+    inside the op's forward, whose backward recomputes it)."""
+    below = torch._C._dispatch_tls_is_dispatch_key_excluded(
+        torch._C.DispatchKey.AutogradFunctionality
+    )
+    return torch.is_grad_enabled() and not below and any(t.requires_grad for t in tensors)
+
+
 def select_forward(q, k, v, *, is_causal: bool, scale: float | None, config: HyperConfig,
-                   key_mask=None):  # fmt: skip
+                   key_mask=None, copies: int | None = None):  # fmt: skip
     """``method="select"``: the selection kernel's lists, then FlexAttention. (out, None).
-    ``key_mask``: a boolean key-padding mask [B, 1, 1, Nk]; its padded keys are never read."""
-    from hyperpass.kernels.select_blocks import select_block_lists
+    ``key_mask``: a boolean key-padding mask [B, 1, 1, Nk]; its padded keys are never read.
+    Under autograd the mask gets the lists of the backward, and the sink blocks their copies
+    (:func:`sink_copies`; ``copies`` overrides it, for tests)."""
+    from hyperpass.kernels.select_blocks import select_block_lists, sink_blocks
 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    lists = select_block_lists(q, k, scale, config, is_causal)
-    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    nq, nk, gqa = q.shape[-2], k.shape[-2], q.shape[1] != k.shape[1]
+    valid = None if key_mask is None else key_valid(key_mask, q.shape[0], nk)
+    backward = _records_autograd(q, k, v)
+    group = q.shape[1] // k.shape[1]
+    if copies is None:
+        copies = sink_copies(config, nq, nk, group, is_causal, valid is not None) if backward else 0
+    lists = select_block_lists(q, k, scale, config, is_causal, copies)
+    keys, values = k, v
+    if copies:
+        n_sink = sink_blocks(config, nk)
+        keys, values, valid = _with_sink_copies(k, v, valid, config.select_block, n_sink, copies)
     mask = block_mask_from_lists(
-        *lists, q.shape[-2], k.shape[-2], config.query_block, config.select_block,
+        *lists, nq, keys.shape[-2], config.query_block, config.select_block,
         causal_mod() if is_causal else no_mask_mod(), backward,
     )  # fmt: skip
-    gqa = q.shape[1] != k.shape[1]
-    valid = None if key_mask is None else key_valid(key_mask, q.shape[0], k.shape[-2])
     options = _kernel_options(config, q.shape[-1])
-    out = _flex(q, k, v, mask, scale, gqa, options, True, valid)
+    out = _flex(q, keys, values, mask, scale, gqa, options, True, valid)
     if out is None:
         out = _reference(q, k, v, is_causal, scale, config, key_mask)
     return out, None

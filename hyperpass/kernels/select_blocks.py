@@ -92,6 +92,14 @@ def _block_kinds(js, n_keys, lo, hi, first_row, n_sinks, KB: tl.constexpr,
 
 
 @triton.jit
+def _tie_order(js, lo, hi, KB: tl.constexpr):
+    """``hyperpass.reference.select.tie_order``: nearer the local span [lo, hi) first."""
+    lo_block = lo // KB
+    hi_block = (hi + KB - 1) // KB
+    return tl.where(js < lo_block, 2 * (lo_block - 1 - js), 2 * (js - hi_block) + 1)
+
+
+@triton.jit
 def _reps_kernel(Q, REPS, scale, stride_qb, stride_qh, stride_qn, q_heads, n_queries, n_tiles,
                  D: tl.constexpr, BLOCK_D: tl.constexpr, QB: tl.constexpr, GROUPS: tl.constexpr,
                  GROUPS_PAD: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
@@ -128,12 +136,15 @@ def _select_kernel(
     REPS, KMAX, KMIN, SCORES, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
     mass_share,
     q_heads, kv_heads, n_queries, n_keys, n_kb, n_tiles, window, n_sinks, topk, min_blocks,
+    tie_steps, list_width, copy_base, copies, sink_blocks,
     GROUP: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     QB: tl.constexpr, KB: tl.constexpr, GROUPS: tl.constexpr, RP: tl.constexpr,
     KEY_TILE: tl.constexpr, NB: tl.constexpr, LOG_NB: tl.constexpr, WIDTH: tl.constexpr,
     CAUSAL: tl.constexpr, ADAPTIVE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Tile ``t`` of the ``HG`` query heads ``h0 ..`` (one KV head's): scores, budget, lists."""
+    """Tile ``t`` of the ``HG`` query heads ``h0 ..`` (one KV head's): scores, budget, lists.
+    With ``copies`` > 0 a full sink block ``s`` is written as its copy ``copy_base + (t %
+    copies) * sink_blocks + s`` (``select_block_lists``)."""
     t = tl.program_id(0)
     pid = tl.program_id(1)
     chunks = GROUP // HG
@@ -253,20 +264,47 @@ def _select_kernel(
         lo_b = tl.where(enough, lo_b, mid + 1)
     cut = lo_b
     above = tl.zeros([HG], tl.int32)
+    in_cut_total = tl.zeros([HG], tl.int32)
     for c in range(0, n_steps):
         js = c * KEY_TILE + tl.arange(0, KEY_TILE)
         ok = js < n_visit
         score = tl.load(SCORES + row_base[:, None] + js[None, :], mask=ok[None, :],
                         other=float("-inf"))  # fmt: skip
         _l, _s, cand, _p, _z = _block_kinds(js, n_keys, lo, hi, first_row, n_sinks, KB, CAUSAL)
-        inside = (cand & ok)[None, :] & (_buckets(score, best2, WIDTH, NB) < cut[:, None])
-        above += tl.sum(inside.to(tl.int32), axis=1)
+        bucket = _buckets(score, best2, WIDTH, NB)
+        above += tl.sum(((cand & ok)[None, :] & (bucket < cut[:, None])).to(tl.int32), axis=1)
+        in_cut_total += tl.sum(((cand & ok)[None, :] & (bucket == cut[:, None])).to(tl.int32),
+                               axis=1)  # fmt: skip
     need_in_cut = budget - above
+    # which blocks of the cut bucket: the need_in_cut nearest the local span (``tie_order``).
+    # Causal: the latest ones, counted from the end; else by bisection on the tie order
+    tie_cut = tl.full([HG], 0, tl.int32)
+    if not CAUSAL:
+        lo_t = tl.zeros([HG], tl.int32)
+        hi_t = tl.full([HG], 2 * n_kb - 1, tl.int32)
+        for _it in range(tie_steps):
+            mid = (lo_t + hi_t) // 2
+            count = tl.zeros([HG], tl.int32)
+            for c in range(0, n_steps):
+                js = c * KEY_TILE + tl.arange(0, KEY_TILE)
+                ok = js < n_visit
+                score = tl.load(SCORES + row_base[:, None] + js[None, :], mask=ok[None, :],
+                                other=float("-inf"))  # fmt: skip
+                _l, _s, cand, _p, _z = _block_kinds(js, n_keys, lo, hi, first_row, n_sinks, KB,
+                                                   CAUSAL)  # fmt: skip
+                in_cut = (cand & ok)[None, :] & (_buckets(score, best2, WIDTH, NB) == cut[:, None])
+                near = _tie_order(js, lo, hi, KB)[None, :] <= mid[:, None]
+                count += tl.sum((in_cut & near).to(tl.int32), axis=1)
+            enough = count >= need_in_cut
+            hi_t = tl.where(enough, mid, hi_t)
+            lo_t = tl.where(enough, lo_t, mid + 1)
+        tie_cut = lo_t
 
     # 3. the block lists, ascending: full (sinks, selected, past window) and partial (diagonal)
     list_row = (b * q_heads + h0 + hs).to(tl.int64) * n_tiles + t  # [HG]
-    full_base = FULL_IDX + list_row * n_kb
-    part_base = PART_IDX + list_row * n_kb
+    full_base = FULL_IDX + list_row * list_width
+    part_base = PART_IDX + list_row * list_width
+    copy_of = copy_base + (t % tl.maximum(copies, 1)) * sink_blocks
     n_full = tl.zeros([HG], tl.int32)
     n_part = 0
     seen_in_cut = tl.zeros([HG], tl.int32)
@@ -281,15 +319,19 @@ def _select_kernel(
         cand2 = (cand & ok)[None, :]
         in_cut = cand2 & (bucket == cut[:, None])
         rank_in_cut = seen_in_cut[:, None] + tl.cumsum(in_cut.to(tl.int32), axis=1)
-        chosen = cand2 & (
-            (bucket < cut[:, None]) | (in_cut & (rank_in_cut <= need_in_cut[:, None]))
-        )
+        if CAUSAL:
+            taken = in_cut_total[:, None] - rank_in_cut < need_in_cut[:, None]
+        else:
+            near = _tie_order(js, lo, hi, KB)[None, :] <= tie_cut[:, None]
+            taken = near & (need_in_cut > 0)[:, None]
+        chosen = cand2 & ((bucket < cut[:, None]) | (in_cut & taken))
         seen_in_cut += tl.sum(in_cut.to(tl.int32), axis=1)
         local = local & ok
         fixed_full = (((sink & ok) & ~local) | (local & past))[None, :]
         full = chosen | fixed_full
         at = n_full[:, None] + tl.cumsum(full.to(tl.int32), axis=1) - 1
-        tl.store(full_base[:, None] + at, js[None, :] + tl.zeros([HG, KEY_TILE], tl.int32),
+        ids = tl.where((copies > 0) & (js < sink_blocks), copy_of + js, js)
+        tl.store(full_base[:, None] + at, ids[None, :] + tl.zeros([HG, KEY_TILE], tl.int32),
                  mask=full)  # fmt: skip
         n_full += tl.sum(full.to(tl.int32), axis=1)
         partial = local & ~past  # the same for every head
@@ -311,11 +353,19 @@ def _program_rows(group: int, groups: int) -> tuple[int, int]:
     return heads, max(slots, _GROUPS_PAD // heads)
 
 
+def sink_blocks(cfg: HyperConfig, n_keys: int) -> int:
+    """How many key blocks meet the sinks ``[0, sinks)``."""
+    return cdiv(min(cfg.sinks, n_keys), cfg.select_block)
+
+
 def select_block_lists(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: HyperConfig,
-                       causal: bool) -> tuple[torch.Tensor, ...]:  # fmt: skip
+                       causal: bool, sink_copies: int = 0) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """FlexAttention block lists of ``method="select"`` for q [B, Hq, Nq, D], k [B, Hkv, Nk, D]:
-    (partial count [B, Hq, n_tiles], partial ids [B, Hq, n_tiles, n_blocks], full count, full
-    ids), int32, each list ascending; ids past a count are unset."""
+    (partial count [B, Hq, n_tiles], partial ids [B, Hq, n_tiles, width], full count, full
+    ids), int32, each list ascending; ids past a count are unset. ``sink_copies`` = R > 0: the
+    keys are read as ``cdiv(Nk, select_block)`` blocks followed by R copies of the
+    ``sink_blocks`` (which must be whole blocks); tile t reads copy ``t % R`` of each sink
+    block it reads in full, listed first (``width`` = blocks + R * sink blocks)."""
     q, k = last_dim_contiguous(q), last_dim_contiguous(k)
     batch, q_heads, nq, dim = q.shape
     kv_heads, nk = k.shape[1], k.shape[2]
@@ -338,14 +388,18 @@ def select_block_lists(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: Hype
     part_num = torch.empty_like(full_num)
     # lists in the full block width, as FlexAttention's lowerings and its transposition (for
     # the backward) read them; only the counts' entries are written
-    full_idx = torch.empty(batch, q_heads, n_tiles, n_kb, dtype=torch.int32, device=dev)
+    n_sink = sink_blocks(cfg, nk) if sink_copies > 0 else 0
+    if n_sink * kb > nk:
+        raise ValueError(f"sink copies need whole sink blocks: {cfg.sinks} sinks, {nk} keys")
+    width = n_kb + sink_copies * n_sink
+    full_idx = torch.empty(batch, q_heads, n_tiles, width, dtype=torch.int32, device=dev)
     part_idx = torch.empty_like(full_idx)
     window = min(cfg.window, nq + nk + qb)  # covers everything already; keeps s + window in int32
     _select_kernel[(n_tiles, batch * kv_heads * (group // hg))](
         reps, kmax, kmin, scores, full_num, full_idx, part_num, part_idx,
         float(cfg.select_mass),
         q_heads, kv_heads, nq, nk, n_kb, n_tiles, window, cfg.sinks, cfg.select_topk,
-        cfg.select_min,
+        cfg.select_min, (2 * n_kb).bit_length(), width, n_kb, sink_copies, n_sink,
         GROUP=group, HG=hg, D=dim, BLOCK_D=next_pow2(dim), QB=qb, KB=kb, GROUPS=groups, RP=rp,
         KEY_TILE=_KEY_TILE, NB=N_BUCKETS, LOG_NB=N_BUCKETS.bit_length() - 1, WIDTH=BUCKET_WIDTH,
         CAUSAL=causal, ADAPTIVE=cfg.select_mass > 0, PRECISION=precision, num_warps=4,

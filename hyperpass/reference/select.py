@@ -23,8 +23,11 @@ How many blocks are selected: ``select_topk`` (``select_mass == 0``), or (``sele
 the fewest whose estimated softmax mass, with the local and sink blocks', reaches ``t`` of the
 row's total, between ``select_min`` and ``select_topk``. The mass of a block is estimated as
 ``len(block) * exp(score)``. Ranking is by score quantized to buckets of ``1/8`` below the tile's
-best candidate (ties inside a bucket: lower block first), which a GPU kernel computes exactly the
-same way in one pass (``hyperpass.kernels.select_blocks``).
+best candidate (ties inside a bucket: the block nearer the tile's local span first, the earlier
+of two at the same distance), which a GPU kernel computes exactly the same way without a sort
+(``hyperpass.kernels.select_blocks``). Nearer first is a locality prior, and it spreads the
+chosen blocks over the past instead of piling every tile's ties onto the first blocks, which
+FlexAttention's backward would read from hundreds of tiles in one program.
 
 Layout as in ``hyperpass.reference.hyper``: q [B, Hkv, G, Nq, D] (pre-scaled), k [B, Hkv, Nk, D],
 v [B, Hkv, Nk, Dv]. Must not import the kernels.
@@ -141,12 +144,21 @@ def choose_blocks(scores: Tensor, fixed: Tensor, candidate: Tensor, geo: TileGeo
     if cfg.select_mass > 0:
         budget = _mass_budget(scores, fixed, candidate, bucket, geo, cfg)
     budget = torch.minimum(budget, n_candidates)
-    # rank: bucket first, block index second; the first ``budget`` candidates are chosen
-    n_b = geo.n_blocks
-    order_key = bucket * n_b + torch.arange(n_b, device=scores.device)
+    # rank: bucket first, distance to the local span second; the first ``budget`` are chosen
+    order_key = bucket * (2 * geo.n_blocks) + tie_order(geo)
     rank = order_key.argsort(-1).argsort(-1)
     chosen = candidate & (rank < budget[..., None])
     return chosen | fixed
+
+
+def tie_order(geo: TileGeometry) -> Tensor:
+    """[n_tiles, n_blocks] int: the order of candidates within a bucket, nearer the tile's local
+    span first: ``2 * distance`` in blocks for a block before it, ``2 * distance + 1`` after it
+    (non-causal; the block before wins a tie of distance). Unique per candidate."""
+    j = torch.arange(geo.n_blocks, device=geo.lo.device)[None, :]
+    lo_block = (geo.lo // geo.kb)[:, None]
+    hi_block = torch.div(geo.hi + geo.kb - 1, geo.kb, rounding_mode="floor")[:, None]
+    return torch.where(j < lo_block, 2 * (lo_block - 1 - j), 2 * (j - hi_block) + 1)
 
 
 def _mass_budget(scores, fixed, candidate, bucket, geo: TileGeometry, cfg: HyperConfig):

@@ -71,6 +71,100 @@ def test_block_lists_equal_the_reference_selection(params, shape, causal):
         assert (lists[0] == 0).all()
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_ties_go_to_the_blocks_nearest_the_tile(causal):
+    """Zero queries bound every block by 0: one bucket, the choice is the tie order alone.
+    Tile 5 of 10 (local blocks 4-5 causal, 4-6 not): causal takes 3, 2, 1; non-causal alternates
+    sides from the nearest, the earlier side first: 3, 7, 2."""
+    q, k, _, _ = inputs(1, 2, 1, 320, 320, 32, torch.float32)
+    q = torch.zeros_like(q)
+    lists = select_block_lists(q, k, 32**-0.5, SELECT, causal)
+    got = _dense(*lists, n_blocks=10)
+    want = select_block_mask(q.view(1, 1, 2, 320, 32), k, SELECT, causal, torch.float32)
+    assert torch.equal(got, want.reshape(got.shape))
+    tile5 = set(torch.nonzero(got[0, 0, 5]).flatten().tolist())
+    assert tile5 == ({1, 2, 3, 4, 5} if causal else {2, 3, 4, 5, 6, 7})
+
+
+def test_sink_copies_list_the_same_blocks():
+    """With R copies of the sink blocks, tile t lists copy t % R of each sink block it reads in
+    full (the diagonal stays the original); mapped back, the lists are those without copies."""
+    cfg = SELECT.replace(sinks=40)  # sink blocks 0 and 1
+    q, k, _, _ = inputs(1, 3, 1, 200, 200, 32, torch.float32)
+    n_kb, n_sink, reps = 7, 2, 3
+    plain = select_block_lists(q, k, 32**-0.5, cfg, True)
+    copied = select_block_lists(q, k, 32**-0.5, cfg, True, sink_copies=reps)
+    assert copied[3].shape[-1] == n_kb + reps * n_sink
+    copies_read = set()
+    for h in range(3):
+        for t in range(7):
+            assert plain[0][0, h, t] == copied[0][0, h, t]
+            assert torch.equal(plain[1][0, h, t, : plain[0][0, h, t]],
+                               copied[1][0, h, t, : copied[0][0, h, t]])  # fmt: skip
+            mapped = []
+            for j in copied[3][0, h, t, : copied[2][0, h, t]].tolist():
+                assert j >= n_sink  # a sink block read in full is read as a copy
+                if j >= n_kb:
+                    copy, j = divmod(j - n_kb, n_sink)
+                    assert copy == t % reps
+                    copies_read.add((copy, j))
+                mapped.append(j)
+            assert sorted(mapped) == plain[3][0, h, t, : plain[2][0, h, t]].tolist()
+    assert copies_read == {(c, s) for c in range(reps) for s in range(n_sink)}
+
+
+@pytest.mark.parametrize(
+    "causal,shape,padded",
+    [(True, (1, 3, 1, 200, 200, 32), False), (False, (2, 2, 2, 192, 192, 32), False),
+     (False, (2, 2, 1, 230, 230, 32), True)],
+    ids=["causal-gqa3-odd", "noncausal-whole-blocks", "noncausal-padding-mask-odd"],
+)  # fmt: skip
+def test_flex_over_sink_copies_equals_the_reference(causal, shape, padded):
+    """Keys padded to whole blocks, then 3 copies of the two sink blocks: the pad is hidden by
+    the causal mask or the key-padding mask, and every tile still reads each sink key once."""
+    from hyperpass.kernels import flex
+
+    cfg = SELECT.replace(sinks=40)
+    q, k, v, _ = inputs(*shape, torch.float32)
+    key_mask = None
+    if padded:
+        valid = torch.ones(shape[0], shape[3], dtype=torch.bool)
+        valid[0, :50] = False
+        key_mask = valid[:, None, None, :]
+    out, _ = flex.select_forward(q, k, v, is_causal=causal, scale=None, config=cfg,
+                                 key_mask=key_mask, copies=3)  # fmt: skip
+    low, _ = hyper_attention_reference(q, k, v, is_causal=causal, config=cfg, key_mask=key_mask)
+    high, _ = hyper_attention_reference(*(t.double() for t in (q, k, v)), is_causal=causal,
+                                        config=cfg, key_mask=key_mask)  # fmt: skip
+    close("out", out, low, high)
+
+
+def test_sink_copies_rule():
+    from hyperpass.config import DEFAULT
+    from hyperpass.kernels.flex import sink_copies
+
+    n = 131072
+    assert sink_copies(DEFAULT, n, n, 4, True, False) == 8  # 1024 tiles x 4 heads / 512
+    assert sink_copies(DEFAULT, n, n, 1, True, False) == 2
+    assert sink_copies(DEFAULT, 8192, 8192, 4, True, False) == 0  # 256 pairs: no copy
+    assert sink_copies(DEFAULT.replace(sinks=0), n, n, 4, True, False) == 0
+    odd = n + 5  # non-causal, keys not whole blocks: the pad would count in full blocks
+    assert sink_copies(DEFAULT, odd, odd, 4, False, False) == 0
+    assert sink_copies(DEFAULT, odd, odd, 4, False, True) > 0
+    assert sink_copies(DEFAULT, odd, odd, 4, True, False) > 0
+
+
+def test_copies_only_where_autograd_records():
+    from hyperpass.kernels.flex import _records_autograd
+
+    x = torch.zeros(2, requires_grad=True)
+    assert _records_autograd(x) and not _records_autograd(x.detach())
+    with torch.no_grad():
+        assert not _records_autograd(x)
+    with torch._C._AutoDispatchBelowAutograd():  # inside the op's forward
+        assert not _records_autograd(x)
+
+
 def test_block_lists_of_fp16_rows_rank_like_the_reference():
     """16-bit rows: the GPU ranks with the group means rounded to fp16, as the reference does
     when told the inputs' dtype; the choice agrees but for ties at a bucket edge."""

@@ -64,7 +64,11 @@ def _tile_blocks(q_tile, keys, cfg: HyperConfig, s: int, n: int, causal: bool) -
                         need = len(inside)
                         break
             budget = min(max(need, cfg.select_min), cfg.select_topk, len(candidates))
-        ranked = sorted(candidates, key=lambda j: (bucket[j], j))
+
+        def nearness(j):  # blocks before the local span, then after it (non-causal)
+            return (lo // kb - 1 - j, 0) if (j + 1) * kb <= lo else (j - math.ceil(hi / kb), 1)
+
+        ranked = sorted(candidates, key=lambda j: (bucket[j], *nearness(j)))
         chosen = set(ranked[:budget])
     else:
         chosen = set()
