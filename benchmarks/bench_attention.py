@@ -39,10 +39,14 @@ IMPLS = {
     "select_k16": {"select_topk": 16},
     "select_kb64": {"select_block": 64, "select_topk": 16},
     "select_m90": {"select_mass": 0.9, "select_topk": 16, "select_min": 2},
+    "select_bound": {"select_score": "bound"},
+    "select_rows4": {"select_rows": 4},
+    "select_rows16": {"select_rows": 16},
     "longformer": LONGFORMER,
     "paper": "PAPER",
 }
-FWD_BWD = ("sdpa", "shipped", "default", "longformer", "flex_longformer", "select_m90")
+FWD_BWD = ("sdpa", "shipped", "default", "longformer", "flex_longformer", "select_m90",
+           "select_bound")  # fmt: skip
 
 
 def _params(spec):

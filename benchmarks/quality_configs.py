@@ -38,6 +38,8 @@ BASE: dict[str, dict | None] = {
     "rec2048_w1024_s16_m256": {"min_seq_len": 2048, "window": 1024, "sinks": 16},
     "rec1024_w1024_s16": {"min_seq_len": 1024, "window": 1024, "sinks": 16, "sample_size": 0},
 }  # fmt: skip
+# the rows above are HyperAttention's (the package default method is "select")
+BASE.update({name: {"method": "hyper", **p} for name, p in BASE.items() if p and "method" not in p})
 
 # the block-sparse select (query tiles of 128, key blocks of 128, FlexAttention on GPUs)
 _BLOCKS = {"method": "select", "window": 512, "sinks": 16, "select_block": 128,
@@ -48,6 +50,27 @@ BASE["select_w512_k12"] = {**_BLOCKS, "select_topk": 12}
 BASE["select_w512_k16_g16"] = {**_BLOCKS, "select_topk": 16, "query_groups": 16}
 BASE["select_w512_m90"] = {**_BLOCKS, "select_topk": 16, "select_mass": 0.9, "select_min": 2}
 BASE["select_w512_m95"] = {**_BLOCKS, "select_topk": 24, "select_mass": 0.95, "select_min": 4}
+# larger budgets, for 16k-32k contexts (Gemma 3): fixed, and adaptive up to a cap
+BASE["select_w512_k16"] = {**_BLOCKS, "select_topk": 16}
+BASE["select_w512_k32"] = {**_BLOCKS, "select_topk": 32}
+BASE["select_w1024_k24"] = {**_BLOCKS, "window": 1024, "select_topk": 24}
+BASE["select_w512_k16_g32"] = {**_BLOCKS, "select_topk": 16, "query_groups": 32}
+BASE["select_w512_k32_g32"] = {**_BLOCKS, "select_topk": 32, "query_groups": 32}
+_ADAPTIVE = {**_BLOCKS, "select_mass": 0.98, "select_min": 4, "select_topk": 40}
+BASE["select_w512_m95_k40"] = {**_ADAPTIVE, "select_mass": 0.95}
+BASE["select_w512_m98_k40"] = _ADAPTIVE
+BASE["select_w512_m99_k48"] = {**_ADAPTIVE, "select_mass": 0.99, "select_min": 8, "select_topk": 48}
+BASE["select_w1024_m98_k40"] = {**_ADAPTIVE, "window": 1024}
+BASE["select_w512_m98_k40_g32"] = {**_ADAPTIVE, "query_groups": 32}
+
+# the same blocks ranked by the score bound (select_score="bound", the default before "rows")
+BASE.update(
+    {
+        name.replace("select_", "select_bound_", 1): {**params, "select_score": "bound"}
+        for name, params in list(BASE.items())
+        if name.startswith("select_")
+    }
+)
 
 
 def names() -> list[str]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 METHODS = ("hyper", "local", "dilated", "longformer", "select")
 CAUSAL_ALGOS = ("recursive", "flat")
+SELECT_SCORES = ("rows", "bound")
 
 
 def _param(default, low, high, doc, choices=None):
@@ -25,9 +26,9 @@ class HyperConfig:
 
     Attributes are documented in their ``metadata["doc"]``; ``docs/algorithm.md`` explains the
     trade-offs. The defaults are the configuration measured best in ``docs/quality.md``:
-    ``method="select"``, exact key blocks chosen per query tile by a score bound, plus a window
-    and sink tokens. The paper's algorithm is ``method="hyper"`` (for the published
-    configuration also ``sample_size=256, window=0, sinks=0``: see ``PAPER``).
+    ``method="select"``, exact key blocks chosen per query tile by the exact scores of a few of
+    its rows, plus a window and sink tokens. The paper's algorithm is ``method="hyper"`` (for
+    the published configuration also ``sample_size=256, window=0, sinks=0``: see ``PAPER``).
     """
 
     min_len: int = _param(
@@ -53,9 +54,20 @@ class HyperConfig:
     )
     select_block: int = _param(128, 16, 4096, "method='select': keys per key block")
     query_block: int = _param(128, 16, 4096, "method='select': queries per tile (one selection)")
-    query_groups: int = _param(
-        8, 1, 4096, "method='select': mean-pooled row groups per tile whose bounds rank blocks"
+    select_score: str = _param(
+        "rows", None, None,
+        "method='select': how key blocks are ranked: 'rows': by the exact scores of "
+        "select_rows rows of the tile; 'bound': by a score bound from row-group means",
+        SELECT_SCORES,
+    )  # fmt: skip
+    select_rows: int = _param(
+        8, 1, 4096, "method='select', select_score='rows': rows per tile scored exactly"
     )
+    query_groups: int = _param(
+        8, 1, 4096,
+        "method='select', select_score='bound': mean-pooled row groups per tile whose bounds "
+        "rank blocks",
+    )  # fmt: skip
     select_mass: float = _param(
         0.0, 0.0, 1.0,
         "method='select': 0: select_topk blocks; else the fewest whose estimated attention "
@@ -87,6 +99,10 @@ class HyperConfig:
                 raise ValueError(
                     "select_block and query_block must be multiples of 16, got "
                     f"{self.select_block} and {self.query_block}"
+                )
+            if self.query_block % self.select_rows:
+                raise ValueError(
+                    f"select_rows ({self.select_rows}) must divide query_block ({self.query_block})"
                 )
             if self.query_block % self.query_groups:
                 raise ValueError(

@@ -44,12 +44,12 @@ def select_case(batch, q_heads, kv_heads, n, dim, causal, params, grads=True, pa
     ``pairs_per_copy``: the backward's copies of the sink blocks from that many pairs on."""
     if pairs_per_copy is not None:
         default, flex._PAIRS_PER_SINK_COPY = flex._PAIRS_PER_SINK_COPY, pairs_per_copy
-        try:
+        try:  # the copies counted under the same override the case ran with
             row = select_case(batch, q_heads, kv_heads, n, dim, causal, params, grads, padded)
+            group = q_heads // kv_heads
+            copies = flex.sink_copies(DEFAULT.replace(**params), n, n, group, causal, padded)
         finally:
             flex._PAIRS_PER_SINK_COPY = default
-        group = q_heads // kv_heads
-        copies = flex.sink_copies(DEFAULT.replace(**params), n, n, group, causal, padded)
         row["case"] += f" sink copies {copies}"
         row["ok"] = row["ok"] and copies > 1
         return row
@@ -137,6 +137,7 @@ def cases(quick: bool):
     yield select_case, (1, 4, 4, n_small, 64, True, {})
     yield select_case, (1, 8, 2, n_small, 128, False, {})
     yield select_case, (1, 4, 1, n_small, 64, True, {"select_mass": 0.9, "select_min": 2})
+    yield select_case, (1, 4, 2, n_small, 128, True, {"select_score": "bound"})
     yield select_case, (2, 4, 2, n_small, 64, True, {}, True, True)
     yield select_case, (2, 4, 4, n_small, 128, False, {}, True, True)
     yield select_case, (1, 8, 2, n_small, 64, True, {}, True, False, 32)  # odd: padded keys

@@ -196,7 +196,7 @@ def _kernel_options(config: HyperConfig, head_dim: int) -> dict | None:
 
 # (query head, tile) pairs of one KV head reading one copy of a sink block in the backward
 # (H200, tools/probe_backward.py: 512 and 128 ran within 2%; one copy for 4096 pairs, 1.4x slower)
-_PAIRS_PER_SINK_COPY = 512
+_PAIRS_PER_SINK_COPY = 128  # the fastest middle of 32..1024 (docs/performance.md)
 
 
 def sink_copies(config: HyperConfig, nq: int, nk: int, group: int, causal: bool,

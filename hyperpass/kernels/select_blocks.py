@@ -126,6 +126,118 @@ def _reps_kernel(Q, REPS, scale, stride_qb, stride_qh, stride_qn, q_heads, n_que
 
 
 @triton.jit
+def _block_lse(x, k_base, stride_kn, j, rows, n_keys, D: tl.constexpr, BLOCK_D: tl.constexpr,
+               KB: tl.constexpr, KC: tl.constexpr, CAUSAL: tl.constexpr,
+               PRECISION: tl.constexpr):  # fmt: skip
+    """Per row of ``x`` (scaled queries at positions ``rows``): log-sum-exp of its scores over
+    the keys of block ``j`` (causal: those at or before the row); -inf where none."""
+    d = tl.arange(0, BLOCK_D)
+    top = tl.full([x.shape[0]], float("-inf"), tl.float32)
+    acc = tl.zeros([x.shape[0]], tl.float32)
+    for c in tl.static_range(0, KB, KC):  # unrolled: the caller's loop over blocks pipelines
+        cols = j * KB + c + tl.arange(0, KC)
+        ok = cols < n_keys
+        keys = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + d[None, :],
+                       mask=ok[:, None] & (d < D)[None, :], other=0.0)  # fmt: skip
+        s = tl.dot(x, tl.trans(keys), input_precision=PRECISION)
+        keep = ok[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        new_top = tl.maximum(top, tl.max(s, axis=1))
+        safe = tl.where(new_top == float("-inf"), 0.0, new_top)
+        acc = acc * tl.exp(top - safe) + tl.sum(tl.exp(s - safe[:, None]), axis=1)
+        top = new_top
+    return tl.where(acc > 0, top + tl.log(tl.maximum(acc, 1e-30)), float("-inf"))
+
+
+@triton.jit
+def _logaddexp(a, b):
+    top = tl.maximum(a, b)
+    safe = tl.where(top == float("-inf"), 0.0, top)
+    return tl.where(top == float("-inf"), top, safe + tl.log(tl.exp(a - safe) + tl.exp(b - safe)))
+
+
+@triton.jit
+def _tile_span(t, n_queries, n_keys, n_kb, window, QB: tl.constexpr, KB: tl.constexpr,
+               CAUSAL: tl.constexpr):  # fmt: skip
+    """Tile ``t``'s local span in blocks [lo, hi) and the blocks it visits [0, n_visit)."""
+    first_row = t * QB
+    lo = (tl.maximum(first_row + QB - window, 0) // KB) * KB
+    if CAUSAL:
+        hi = tl.minimum(tl.minimum(first_row + QB, n_queries), n_keys)
+        n_visit = tl.cdiv(hi, KB)
+    else:
+        hi = tl.minimum(((first_row + window + KB - 1) // KB) * KB, n_keys)
+        n_visit = n_kb + t * 0
+    return lo // KB, tl.cdiv(hi, KB), n_visit
+
+
+@triton.jit
+def _row_scores_kernel(
+    Q, K, SCORES, scale,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    q_heads, kv_heads, n_queries, n_keys, n_kb, n_tiles, window, n_sinks,
+    GROUP: tl.constexpr, HG: tl.constexpr, HGP: tl.constexpr, TG: tl.constexpr,
+    S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    QB: tl.constexpr, KB: tl.constexpr, KC: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``select_score="rows"`` (``hyperpass.reference.select.row_scores``) for ``TG`` tiles
+    from ``t0`` and the ``HG`` query heads ``h0 ..``, ``S`` rows each: every block the tiles
+    visit gets each (tile, head)'s score in the scratch rows the selection kernel ranks. The
+    rows of several tiles share each load of a key block (one dot for all of them)."""
+    t0 = tl.program_id(0) * TG
+    pid = tl.program_id(1)
+    chunks = GROUP // HG
+    b = pid // (kv_heads * chunks)
+    hkv = (pid // chunks) % kv_heads
+    h0 = hkv * GROUP + (pid % chunks) * HG
+    m = tl.arange(0, TG * HGP * SP)  # row m: tile t0 + m // (HGP * SP), head, sample i
+    t = t0 + m // (HGP * SP)
+    head = (m // SP) % HGP
+    i = m % SP
+    row_ok = (t < n_tiles) & (head < HG) & (i < S)
+    rows = tl.maximum(tl.minimum(t * QB + QB - 1 - i * (QB // S), n_queries - 1), 0)
+    d = tl.arange(0, BLOCK_D)
+    q_ptr = (Q + b.to(tl.int64) * stride_qb + (h0 + head).to(tl.int64)[:, None] * stride_qh
+             + rows.to(tl.int64)[:, None] * stride_qn + d[None, :])  # fmt: skip
+    x = tl.load(q_ptr, mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
+    x = (x.to(tl.float32) * scale).to(Q.dtype.element_ty)  # as the reference rounds q * scale
+    k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
+
+    lo_blk, hi_blk, _v = _tile_span(t, n_queries, n_keys, n_kb, window, QB, KB, CAUSAL)
+    t_last = tl.minimum(t0 + TG - 1, n_tiles - 1)
+    lo_first, _h, _v0 = _tile_span(t0, n_queries, n_keys, n_kb, window, QB, KB, CAUSAL)
+    _l, hi_last, n_visit = _tile_span(t_last, n_queries, n_keys, n_kb, window, QB, KB, CAUSAL)
+    sink_blk = tl.cdiv(tl.minimum(n_sinks, n_keys), KB)
+    # 1. each row's log-sum-exp over its tile's local and sink keys
+    norm = tl.full([TG * HGP * SP], float("-inf"), tl.float32)
+    for j in range(0, tl.minimum(sink_blk, lo_first)):  # sinks before every local span
+        lse = _block_lse(x, k_base, stride_kn, j, rows, n_keys, D, BLOCK_D, KB, KC, CAUSAL,
+                         PRECISION)  # fmt: skip
+        norm = _logaddexp(norm, lse)
+    for j in range(lo_first, tl.maximum(hi_last, sink_blk)):
+        lse = _block_lse(x, k_base, stride_kn, j, rows, n_keys, D, BLOCK_D, KB, KC, CAUSAL,
+                         PRECISION)  # fmt: skip
+        fixed = ((j >= lo_blk) & (j < hi_blk)) | (j < sink_blk)
+        if CAUSAL:
+            fixed = fixed & (j < hi_blk)
+        norm = _logaddexp(norm, tl.where(fixed, lse, float("-inf")))
+    # 2. every visited block: max over the rows of its mass relative to the local mass, per key
+    p = tl.arange(0, TG * HGP)  # (tile, head) pairs
+    pair_ok = (t0 + p // HGP < n_tiles) & (p % HGP < HG)
+    row_base = ((b * q_heads + h0 + p % HGP).to(tl.int64) * n_tiles + t0 + p // HGP) * n_kb
+    for j in range(0, n_visit):
+        lse = _block_lse(x, k_base, stride_kn, j, rows, n_keys, D, BLOCK_D, KB, KC, CAUSAL,
+                         PRECISION)  # fmt: skip
+        share = tl.where(row_ok, lse - norm, float("-inf"))
+        size = tl.minimum(n_keys - j * KB, KB).to(tl.float32)
+        score = tl.max(tl.reshape(share, (TG * HGP, SP)), axis=1) - tl.log(size)
+        tl.store(SCORES + row_base + j, score, mask=pair_ok)
+
+
+@triton.jit
 def _buckets(scores, best, WIDTH: tl.constexpr, NB: tl.constexpr):
     """Ranking bucket of each score below its head's best candidate ``best`` [HG, 1]."""
     return tl.minimum(tl.maximum((best - scores) / WIDTH, 0.0), NB - 1).to(tl.int32)
@@ -141,8 +253,11 @@ def _select_kernel(
     QB: tl.constexpr, KB: tl.constexpr, GROUPS: tl.constexpr, RP: tl.constexpr,
     KEY_TILE: tl.constexpr, NB: tl.constexpr, LOG_NB: tl.constexpr, WIDTH: tl.constexpr,
     CAUSAL: tl.constexpr, ADAPTIVE: tl.constexpr, PRECISION: tl.constexpr,
+    PRECOMPUTED: tl.constexpr,
 ):  # fmt: skip
     """Tile ``t`` of the ``HG`` query heads ``h0 ..`` (one KV head's): scores, budget, lists.
+    ``PRECOMPUTED``: the scores are in ``SCORES`` already (``_row_scores_kernel``); else the
+    bounds are computed here from ``REPS``, ``KMAX`` and ``KMIN``.
     With ``copies`` > 0 a full sink block ``s`` is written as its copy ``copy_base + (t %
     copies) * sink_blocks + s`` (``select_block_lists``)."""
     t = tl.program_id(0)
@@ -160,10 +275,11 @@ def _select_kernel(
     grp = m % RP
     present = (grp < GROUPS) & (first_row + grp * (QB // GROUPS) < n_queries)
     rep_row = ((b * q_heads + h0 + head).to(tl.int64) * n_tiles + t) * GROUPS + grp
-    reps = tl.load(REPS + rep_row[:, None] * D + d[None, :],
-                   mask=present[:, None] & (d < D)[None, :], other=0.0)  # fmt: skip
-    positive = tl.where(reps > 0, reps, 0.0).to(KMAX.dtype.element_ty)
-    negative = tl.where(reps < 0, reps, 0.0).to(KMAX.dtype.element_ty)
+    if not PRECOMPUTED:
+        reps = tl.load(REPS + rep_row[:, None] * D + d[None, :],
+                       mask=present[:, None] & (d < D)[None, :], other=0.0)  # fmt: skip
+        positive = tl.where(reps > 0, reps, 0.0).to(KMAX.dtype.element_ty)
+        negative = tl.where(reps < 0, reps, 0.0).to(KMAX.dtype.element_ty)
 
     lo = (tl.maximum(first_row + QB - window, 0) // KB) * KB
     if CAUSAL:
@@ -186,15 +302,19 @@ def _select_kernel(
     for c in range(0, n_steps):
         js = c * KEY_TILE + tl.arange(0, KEY_TILE)
         ok = js < n_visit
-        kmask = ok[:, None] & (d < D)[None, :]
-        offs = k_base + js[:, None].to(tl.int64) * D + d[None, :]
-        kmax = tl.load(KMAX + offs, mask=kmask, other=0.0)
-        kmin = tl.load(KMIN + offs, mask=kmask, other=0.0)
-        bound = tl.dot(positive, tl.trans(kmax), input_precision=PRECISION)
-        bound = tl.dot(negative, tl.trans(kmin), bound, input_precision=PRECISION)
-        bound = tl.where(present[:, None], bound, float("-inf"))
-        score = tl.max(tl.reshape(bound, (HG, RP, KEY_TILE)), axis=1)  # [HG, KEY_TILE]
-        tl.store(SCORES + row_base[:, None] + js[None, :], score, mask=ok[None, :])
+        if PRECOMPUTED:
+            score = tl.load(SCORES + row_base[:, None] + js[None, :], mask=ok[None, :],
+                            other=float("-inf"))  # fmt: skip
+        else:
+            kmask = ok[:, None] & (d < D)[None, :]
+            offs = k_base + js[:, None].to(tl.int64) * D + d[None, :]
+            kmax = tl.load(KMAX + offs, mask=kmask, other=0.0)
+            kmin = tl.load(KMIN + offs, mask=kmask, other=0.0)
+            bound = tl.dot(positive, tl.trans(kmax), input_precision=PRECISION)
+            bound = tl.dot(negative, tl.trans(kmin), bound, input_precision=PRECISION)
+            bound = tl.where(present[:, None], bound, float("-inf"))
+            score = tl.max(tl.reshape(bound, (HG, RP, KEY_TILE)), axis=1)  # [HG, KEY_TILE]
+            tl.store(SCORES + row_base[:, None] + js[None, :], score, mask=ok[None, :])
         local, sink, cand, _p, size = _block_kinds(js, n_keys, lo, hi, first_row, n_sinks, KB,
                                                   CAUSAL)  # fmt: skip
         cand = cand & ok
@@ -374,16 +494,22 @@ def select_block_lists(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: Hype
     group = q_heads // kv_heads
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     dev = q.device
-    kmax, kmin = key_block_extremes(k, kb)
-    reps = torch.empty(batch, q_heads, n_tiles, groups, dim, dtype=k.dtype, device=dev)
-    groups_pad = max(_GROUPS_PAD, next_pow2(groups))
-    _reps_kernel[(n_tiles, batch * q_heads)](
-        q, reps, float(scale), *q.stride()[:3], q_heads, nq, n_tiles,
-        D=dim, BLOCK_D=next_pow2(dim), QB=qb, GROUPS=groups, GROUPS_PAD=groups_pad,
-        PRECISION=precision, num_warps=8 if qb * dim > 8192 else 4,
-    )  # fmt: skip
-    hg, rp = _program_rows(group, groups)
+    window = min(cfg.window, nq + nk + qb)  # covers everything already; keeps s + window in int32
     scores = torch.empty(batch, q_heads, n_tiles, n_kb, dtype=torch.float32, device=dev)
+    precomputed = cfg.select_score == "rows"
+    if precomputed:
+        _row_scores(q, k, scores, scale, cfg, causal, window, precision)
+        reps = kmax = kmin = scores  # not read
+    else:
+        kmax, kmin = key_block_extremes(k, kb)
+        reps = torch.empty(batch, q_heads, n_tiles, groups, dim, dtype=k.dtype, device=dev)
+        groups_pad = max(_GROUPS_PAD, next_pow2(groups))
+        _reps_kernel[(n_tiles, batch * q_heads)](
+            q, reps, float(scale), *q.stride()[:3], q_heads, nq, n_tiles,
+            D=dim, BLOCK_D=next_pow2(dim), QB=qb, GROUPS=groups, GROUPS_PAD=groups_pad,
+            PRECISION=precision, num_warps=8 if qb * dim > 8192 else 4,
+        )  # fmt: skip
+    hg, rp = _program_rows(group, groups)
     full_num = torch.empty(batch, q_heads, n_tiles, dtype=torch.int32, device=dev)
     part_num = torch.empty_like(full_num)
     # lists in the full block width, as FlexAttention's lowerings and its transposition (for
@@ -394,7 +520,6 @@ def select_block_lists(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: Hype
     width = n_kb + sink_copies * n_sink
     full_idx = torch.empty(batch, q_heads, n_tiles, width, dtype=torch.int32, device=dev)
     part_idx = torch.empty_like(full_idx)
-    window = min(cfg.window, nq + nk + qb)  # covers everything already; keeps s + window in int32
     _select_kernel[(n_tiles, batch * kv_heads * (group // hg))](
         reps, kmax, kmin, scores, full_num, full_idx, part_num, part_idx,
         float(cfg.select_mass),
@@ -402,6 +527,34 @@ def select_block_lists(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: Hype
         cfg.select_min, (2 * n_kb).bit_length(), width, n_kb, sink_copies, n_sink,
         GROUP=group, HG=hg, D=dim, BLOCK_D=next_pow2(dim), QB=qb, KB=kb, GROUPS=groups, RP=rp,
         KEY_TILE=_KEY_TILE, NB=N_BUCKETS, LOG_NB=N_BUCKETS.bit_length() - 1, WIDTH=BUCKET_WIDTH,
-        CAUSAL=causal, ADAPTIVE=cfg.select_mass > 0, PRECISION=precision, num_warps=4,
+        CAUSAL=causal, ADAPTIVE=cfg.select_mass > 0, PRECISION=precision,
+        PRECOMPUTED=precomputed, num_warps=4,
     )  # fmt: skip
     return part_num, part_idx, full_num, full_idx
+
+
+def _row_scores(q, k, scores, scale, cfg: HyperConfig, causal: bool, window: int,
+                precision: str) -> None:  # fmt: skip
+    """``select_score="rows"``: each tile's block scores into ``scores`` [B, Hq, n_tiles,
+    n_blocks] (the blocks a causal tile cannot see are left unset, as the bounds leave them)."""
+    batch, q_heads, nq, dim = q.shape
+    kv_heads, nk = k.shape[1], k.shape[2]
+    qb, kb, rows = cfg.query_block, cfg.select_block, cfg.select_rows
+    group, n_tiles = q_heads // kv_heads, cdiv(nq, qb)
+    rows_pad = next_pow2(rows)
+    heads = 1  # query heads of one KV head per program: a power of two, up to 64 rows
+    while group % (2 * heads) == 0 and 2 * heads * rows_pad <= 64:
+        heads *= 2
+    target = 128 if dim <= 128 else 64  # rows per program: each key load serves them all
+    tiles = 1
+    while 2 * tiles * heads * rows_pad <= target and tiles < next_pow2(n_tiles):
+        tiles *= 2
+    heads_pad = max(heads, next_pow2(cdiv(16, tiles * rows_pad)))  # a dot's smallest height
+    _row_scores_kernel[(cdiv(n_tiles, tiles), batch * kv_heads * (group // heads))](
+        q, k, scores, float(scale), *q.stride()[:3], *k.stride()[:3],
+        q_heads, kv_heads, nq, nk, cdiv(nk, kb), n_tiles, window, cfg.sinks,
+        GROUP=group, HG=heads, HGP=heads_pad, TG=tiles, S=rows, SP=rows_pad, D=dim,
+        BLOCK_D=next_pow2(dim), QB=qb, KB=kb, KC=min(kb & -kb, 128), CAUSAL=causal,
+        PRECISION=precision, num_warps=8 if tiles * heads_pad * rows_pad >= 128 else 4,
+        num_stages=3,
+    )  # fmt: skip

@@ -14,7 +14,9 @@ import functools
 import torch
 
 # Measured on an NVIDIA H200 (torch 2.11, bf16, causal; benchmarks/bench_attention.py, results in
-# benchmarks/results/bench_attention_h200.json): the shortest benchmarked length from which the
+# benchmarks/results/bench_attention_rows_all_lengths_h200.json for select, whose rows ranking
+# is 1.03x SDPA forward+backward at 16k with 12 heads of 64, and bench_attention_h200.json for
+# the patterns and hyper): the shortest benchmarked length from which the
 # method is no slower than SDPA forward *and* forward+backward (the op's choice may depend on
 # shapes only, or a backward could differentiate another computation than its forward). Keyed by
 # the GPU work per token, B * Hq * D: below 2048 (12 heads of 64) the host's fixed cost per call

@@ -2,7 +2,8 @@
 
 One module per method: :mod:`~hyperpass.reference.hyper` (sortLSH, samples, the causal
 recursion; also the window/sinks patterns ``local``, ``dilated``, ``longformer``) and
-:mod:`~hyperpass.reference.select` (key blocks selected by a score bound); shared parts:
+:mod:`~hyperpass.reference.select` (key blocks ranked by the exact scores of sampled rows, or by
+a score bound); shared parts:
 :mod:`~hyperpass.reference.softmax` (partial softmax, log-sum-exp merge),
 :mod:`~hyperpass.reference.positions`, :mod:`~hyperpass.reference.lsh`,
 :mod:`~hyperpass.reference.exact`. :func:`hyper_attention_reference` is the one place that

@@ -11,13 +11,23 @@ tile attends exactly (softmax over the union, causal mask on top when causal) to
    ``ceil((s + window) / select_block) * select_block`` (non-causal): at least ``window`` keys;
 2. *sink* blocks: every block that meets ``[0, sinks)``;
 3. *selected* blocks among the other blocks (causal: only those wholly before ``lo``), ranked by
-   the bound of their scores (the bound Quest, Tang et al. 2024, uses): for a block with
-   per-channel key maxima ``kmax`` and minima ``kmin`` and a query ``q`` (scaled),
+   a score per block (``select_score``):
 
-       q . k  <=  relu(q) . kmax + min(q, 0) . kmin     for every key k of the block;
+   * ``"rows"`` (the default): the exact scores of ``select_rows`` rows of the tile, evenly
+     spaced and ending at its last row (``r_i = s + query_block - 1 - i * query_block /
+     select_rows``, clipped to the last query). For row ``i`` and block ``b``, ``lse_ib`` is the
+     log-sum-exp of the row's scores over the block's keys (causal: those at or before the
+     row) and ``L_i`` over the tile's local and sink keys; the score is
+     ``max_i (lse_ib - L_i) - log(len(block))``: the log of the block's mass per key relative
+     to the local mass, for the row that needs it most. One block holding a passkey is found
+     this way; a bound on whole blocks misses it among blocks of varied text;
+   * ``"bound"``: the bound Quest (Tang et al. 2024) uses: for a block with per-channel key
+     maxima ``kmax`` and minima ``kmin`` and a query ``q`` (scaled),
 
-   the tile's score of a block is the max of that bound over ``query_groups`` representatives,
-   each the mean of a group of consecutive rows of the tile.
+         q . k  <=  relu(q) . kmax + min(q, 0) . kmin     for every key k of the block;
+
+     the max of that bound over ``query_groups`` representatives, each the mean of a group of
+     consecutive rows of the tile.
 
 How many blocks are selected: ``select_topk`` (``select_mass == 0``), or (``select_mass = t``)
 the fewest whose estimated softmax mass, with the local and sink blocks', reaches ``t`` of the
@@ -118,6 +128,41 @@ def block_scores(q: Tensor, k: Tensor, geo: TileGeometry, groups: int,
     return bound.amax(-2)
 
 
+def sampled_rows(geo: TileGeometry, rows: int) -> Tensor:
+    """[n_tiles, rows] the rows of each tile whose exact scores rank its blocks."""
+    picks = geo.qb - 1 - torch.arange(rows, device=geo.lo.device) * (geo.qb // rows)
+    starts = torch.arange(geo.n_tiles, device=geo.lo.device)[:, None] * geo.qb
+    return (starts + picks[None, :]).clamp(max=geo.nq - 1)
+
+
+def row_scores(q: Tensor, k: Tensor, geo: TileGeometry, rows: int, fixed: Tensor,
+               rep_dtype: torch.dtype | None = None) -> Tensor:  # fmt: skip
+    """[B, Hkv, G, n_tiles, n_blocks] fp32: ``select_score="rows"``, each block's log mass per
+    key relative to the tile's local and sink mass (``fixed``), the max over sampled rows."""
+    batch, kv_heads, groups, nq, dim = q.shape
+    n_t, n_b, kb, nk = geo.n_tiles, geo.n_blocks, geo.kb, geo.nk
+    picked = sampled_rows(geo, rows)  # [n_t, S]
+    keys = pad_rows(k.float(), n_b * kb)
+    k_pos = torch.arange(n_b * kb, device=q.device)
+    size = ((k_pos < nk).view(n_b, kb).sum(-1)).float()
+    queries = q if rep_dtype is None else q.to(rep_dtype)  # the GPU's dot takes q's dtype
+    out = torch.empty(batch, kv_heads, groups, n_t, n_b, device=q.device)
+    step = max(1, _SCORE_BUDGET // (batch * kv_heads * groups * rows * n_b * kb))
+    for first in range(0, n_t, step):
+        tiles = slice(first, first + step)
+        rows_pos = picked[tiles]  # [t, S]
+        s = queries.float()[..., rows_pos, :] @ keys[:, :, None, None].mT  # [B, Hkv, G, t, S, nk]
+        keep = k_pos < nk
+        if geo.causal:
+            keep = keep & (k_pos <= rows_pos[..., None])
+        s = s.masked_fill(~keep, float("-inf")).unflatten(-1, (n_b, kb))
+        block_lse = torch.logsumexp(s, -1)  # [B, Hkv, G, t, S, n_b]
+        local = block_lse.masked_fill(~fixed[tiles, None, :], float("-inf"))
+        norm = torch.logsumexp(local, -1, keepdim=True)
+        out[..., tiles, :] = (block_lse - norm).amax(-2) - size.log()
+    return out
+
+
 def representatives(q: Tensor, geo: TileGeometry, groups: int) -> tuple[Tensor, Tensor]:
     """(the mean of each group of ``query_block / groups`` rows of each tile
     [B, Hkv, G, n_tiles, groups, D] fp32, whether the group has a row [n_tiles, groups])."""
@@ -192,7 +237,10 @@ def select_block_mask(q: Tensor, k: Tensor, cfg: HyperConfig, causal: bool,
     """[B, Hkv, G, n_tiles, n_blocks] bool: the key blocks each query tile attends to."""
     geo = tile_geometry(q.shape[-2], k.shape[-2], cfg, causal, q.device)
     fixed, candidate = block_kinds(geo, cfg.sinks)
-    scores = block_scores(q, k, geo, cfg.query_groups, rep_dtype)
+    if cfg.select_score == "rows":
+        scores = row_scores(q, k, geo, cfg.select_rows, fixed, rep_dtype)
+    else:
+        scores = block_scores(q, k, geo, cfg.query_groups, rep_dtype)
     return choose_blocks(scores, fixed, candidate, geo, cfg)
 
 

@@ -51,10 +51,11 @@ CASES = [
 IDS = ["gqa3", "sinks40", "qb64-batch2-odd", "kb16-d128", "adaptive", "adaptive-all-nq190-nk120"]
 
 
+@pytest.mark.parametrize("score", ["rows", "bound"])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("params,shape", CASES, ids=IDS)
-def test_block_lists_equal_the_reference_selection(params, shape, causal):
-    cfg = SELECT.replace(**params)
+def test_block_lists_equal_the_reference_selection(params, shape, causal, score):
+    cfg = SELECT.replace(select_score=score, **params)
     batch, q_heads, kv_heads, nq, nk, dim = shape
     if causal and nq != nk:
         pytest.skip("causal needs Nq == Nk")
@@ -144,9 +145,10 @@ def test_sink_copies_rule():
     from hyperpass.kernels.flex import sink_copies
 
     n = 131072
-    assert sink_copies(DEFAULT, n, n, 4, True, False) == 8  # 1024 tiles x 4 heads / 512
-    assert sink_copies(DEFAULT, n, n, 1, True, False) == 2
-    assert sink_copies(DEFAULT, 8192, 8192, 4, True, False) == 0  # 256 pairs: no copy
+    assert sink_copies(DEFAULT, n, n, 4, True, False) == 32  # 1024 tiles x 4 heads / 128
+    assert sink_copies(DEFAULT, n, n, 1, True, False) == 8
+    assert sink_copies(DEFAULT, 8192, 8192, 4, True, False) == 2
+    assert sink_copies(DEFAULT, 8192, 8192, 1, True, False) == 0  # 64 pairs: no copy
     assert sink_copies(DEFAULT.replace(sinks=0), n, n, 4, True, False) == 0
     odd = n + 5  # non-causal, keys not whole blocks: the pad would count in full blocks
     assert sink_copies(DEFAULT, odd, odd, 4, False, False) == 0
@@ -165,10 +167,12 @@ def test_copies_only_where_autograd_records():
         assert not _records_autograd(x)
 
 
-def test_block_lists_of_fp16_rows_rank_like_the_reference():
-    """16-bit rows: the GPU ranks with the group means rounded to fp16, as the reference does
-    when told the inputs' dtype; the choice agrees but for ties at a bucket edge."""
-    cfg = SELECT.replace(select_topk=4)
+@pytest.mark.parametrize("score", ["rows", "bound"])
+def test_block_lists_of_fp16_rows_rank_like_the_reference(score):
+    """16-bit inputs: the GPU ranks with the scaled rows (or group means) rounded to fp16, as
+    the reference does when told the inputs' dtype; the choice agrees but for ties at a bucket
+    edge."""
+    cfg = SELECT.replace(select_topk=4, select_score=score)
     q, k, _, _ = inputs(1, 2, 1, 200, 200, 64, torch.float16)
     lists = select_block_lists(q, k, 0.125, cfg, True)
     got = _dense(*lists, n_blocks=-(-200 // cfg.select_block))

@@ -28,23 +28,37 @@ def _tile_blocks(q_tile, keys, cfg: HyperConfig, s: int, n: int, causal: bool) -
     lo = (max(s + qb - cfg.window, 0) // kb) * kb
     hi = min(s + qb, n) if causal else min(math.ceil((s + cfg.window) / kb) * kb, n)
     local, sinks, candidates = set(), set(), []
-    size = qb // cfg.query_groups
-    reps = [q_tile[g : g + size].mean(0) for g in range(0, len(q_tile), size)]
-    scores = {}
     for j in range(n_kb):
         start, end = j * kb, min((j + 1) * kb, n)
-        blk = keys[start:end]
-        bound = max(
-            ((r.clamp(min=0) * blk.amax(0)).sum() + (r.clamp(max=0) * blk.amin(0)).sum()).item()
-            for r in reps
-        )
-        scores[j] = bound
         if end > lo and start < hi:
             local.add(j)
         elif start < cfg.sinks and (not causal or start < hi):
             sinks.add(j)
         elif end <= lo or (not causal and start >= hi):
             candidates.append(j)
+    if cfg.select_score == "bound":
+        size = qb // cfg.query_groups
+        reps = [q_tile[g : g + size].mean(0) for g in range(0, len(q_tile), size)]
+        scores = {}
+        for j in range(n_kb):
+            blk = keys[j * kb : (j + 1) * kb]
+            scores[j] = max(
+                ((r.clamp(min=0) * blk.amax(0)).sum() + (r.clamp(max=0) * blk.amin(0)).sum())
+                for r in reps
+            ).item()
+    else:  # rows: each sampled row's log mass per block against its local and sink mass
+        scores = {j: -math.inf for j in range(n_kb)}
+        for i in range(cfg.select_rows):
+            r = min(s + qb - 1 - i * (qb // cfg.select_rows), n - 1)
+            row = keys @ q_tile[r - s]
+            if causal:
+                row[r + 1 :] = -math.inf
+            block_lse = [torch.logsumexp(row[j * kb : (j + 1) * kb], 0).item() for j in range(n_kb)]
+            fixed = [block_lse[j] for j in local | sinks]
+            norm = torch.logsumexp(torch.tensor(fixed), 0).item()
+            for j in range(n_kb):
+                share = block_lse[j] - norm - math.log(min((j + 1) * kb, n) - j * kb)
+                scores[j] = max(scores[j], share)
     budget = min(cfg.select_topk, len(candidates))
     if candidates:
         best = max(scores[j] for j in candidates)
@@ -105,10 +119,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("score", ["rows", "bound"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("batch,hq,hkv,n,dim,extra", CASES)
-def test_select_equals_dense_mask_of_its_definition(batch, hq, hkv, n, dim, extra, causal):
-    cfg = HyperConfig(method="select", **{**BASE, **extra})
+def test_select_equals_dense_mask_of_its_definition(batch, hq, hkv, n, dim, extra, causal, score):
+    cfg = HyperConfig(method="select", select_score=score, **{**BASE, **extra})
     q, k, v = qkv(batch, hq, hkv, n, dim)
     out, lse = hyper_attention_reference(q, k, v, is_causal=causal, config=cfg)
     mask = dense_select_mask(q, k, cfg, causal)
@@ -159,6 +174,8 @@ def test_select_gradients_through_the_op(causal):
     [
         ({"window": 8, "query_block": 16}, "window >= query_block"),
         ({"window": 64, "query_block": 32, "query_groups": 3}, "must divide"),
+        ({"window": 64, "query_block": 32, "select_rows": 3}, "select_rows .3. must divide"),
+        ({"window": 64, "select_score": "max"}, "select_score must be one of"),
         ({"window": 64, "query_block": 24}, "multiples of 16"),
         ({"window": 256, "select_topk": 0}, "select_topk"),
         ({"window": 256, "sample_size": 64}, "sample_size applies to method='hyper'"),
@@ -206,3 +223,24 @@ def test_block_sparse_attention_equals_dense_masked_attention(causal):
     for g, w in zip(got, want, strict=True):
         assert g.isfinite().all()
         torch.testing.assert_close(g, w, **FP32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rows_find_the_far_block_one_query_needs(seed):
+    """A key planted far back that only the tile's last query matches (a passkey): its block is
+    the one block the rows estimator selects."""
+    from hyperpass.reference.select import select_block_mask
+
+    gen = torch.Generator().manual_seed(seed)
+    n, dim, needle = 512, 16, 40 + 17 * seed  # blocks 1-2 of 16, far before the last tile
+    k = torch.randn(1, 1, n, dim, generator=gen)
+    q = torch.randn(1, 1, 1, n, dim, generator=gen) / 4
+    direction = torch.randn(dim, generator=gen)
+    direction = direction / direction.norm()
+    k[0, 0, needle] = 8 * direction
+    q[0, 0, 0, n - 1] = 8 * direction  # scores: 64 for the needle, about N(0, 8) elsewhere
+    cfg = HyperConfig(method="select", **{**BASE, "select_topk": 1})
+    blocks = select_block_mask(q, k, cfg, True)[0, 0, 0, -1]
+    chosen = set(torch.nonzero(blocks).flatten().tolist())
+    local = set(range((n - cfg.window) // cfg.select_block, n // cfg.select_block))
+    assert chosen - local == {needle // cfg.select_block}
