@@ -1,11 +1,13 @@
 """``method="select"``'s block selection on the GPU, written as FlexAttention block lists.
 
-Same semantics as :mod:`hyperpass.reference.select` (the oracle): one program per query tile and
-query head
+Same semantics as :mod:`hyperpass.reference.select` (the oracle): per query tile and query head
 
-1. bounds every key block's scores with the per-block key maxima/minima and the tile's
-   row-group means (``_reps_kernel``; two dots per step of key blocks), keeping the max over
-   the groups: the tile's row of block scores, written to a scratch row;
+1. scores every key block the tile may read into a scratch row: with ``select_score="rows"``
+   (``_row_scores_kernel``) the exact scores of the tile's sampled rows against every key,
+   reduced to each block's log mass relative to the tile's local mass, one program per group
+   of tiles and query heads (each key load serves all their rows); with ``"bound"`` the bounds
+   from the per-block key maxima/minima and the tile's row-group means (``_reps_kernel``; two
+   dots per step of key blocks, in the selection kernel);
 2. finds how many blocks to keep (``select_topk``, or with ``select_mass`` the fewest buckets
    whose estimated mass reaches the target) and the bucket where the cut falls (buckets of
    ``BUCKET_WIDTH`` below the best candidate);
@@ -13,9 +15,10 @@ query head
    *full* blocks (sinks outside the window, the selected blocks, window blocks wholly in the
    past) and the *partial* ones (window blocks on the causal diagonal), each with its count.
 
-So the selection is three launches (key-block extremes, row-group means, this kernel), no sort
-and no top-k; the cut is found by bisection over the buckets, one pass over the scratch row per
-step. The query heads of one KV head are scored in one program (one dot for all of them).
+So the selection is two launches (rows: the scores, then this kernel) or three (bound: key-block
+extremes, row-group means, this kernel), no sort and no top-k; the cut is found by bisection
+over the buckets, one pass over the scratch row per step. The query heads of one KV head are
+ranked in one program.
 """
 
 from __future__ import annotations
