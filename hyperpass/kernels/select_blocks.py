@@ -164,7 +164,7 @@ def _logaddexp(a, b):
 @triton.jit
 def _tile_span(t, n_queries, n_keys, n_kb, window, QB: tl.constexpr, KB: tl.constexpr,
                CAUSAL: tl.constexpr):  # fmt: skip
-    """Tile ``t``'s local span in blocks [lo, hi) and the blocks it visits [0, n_visit)."""
+    """Tile ``t``'s local span of keys [lo, hi) and the blocks it visits [0, n_visit)."""
     first_row = t * QB
     lo = (tl.maximum(first_row + QB - window, 0) // KB) * KB
     if CAUSAL:
@@ -173,7 +173,7 @@ def _tile_span(t, n_queries, n_keys, n_kb, window, QB: tl.constexpr, KB: tl.cons
     else:
         hi = tl.minimum(((first_row + window + KB - 1) // KB) * KB, n_keys)
         n_visit = n_kb + t * 0
-    return lo // KB, tl.cdiv(hi, KB), n_visit
+    return lo, hi, n_visit
 
 
 @triton.jit
@@ -209,10 +209,12 @@ def _row_scores_kernel(
     x = (x.to(tl.float32) * scale).to(Q.dtype.element_ty)  # as the reference rounds q * scale
     k_base = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
 
-    lo_blk, hi_blk, _v = _tile_span(t, n_queries, n_keys, n_kb, window, QB, KB, CAUSAL)
+    lo, hi, _v = _tile_span(t, n_queries, n_keys, n_kb, window, QB, KB, CAUSAL)
+    lo_blk, hi_blk = lo // KB, tl.cdiv(hi, KB)
     t_last = tl.minimum(t0 + TG - 1, n_tiles - 1)
     lo_first, _h, _v0 = _tile_span(t0, n_queries, n_keys, n_kb, window, QB, KB, CAUSAL)
     _l, hi_last, n_visit = _tile_span(t_last, n_queries, n_keys, n_kb, window, QB, KB, CAUSAL)
+    lo_first, hi_last = lo_first // KB, tl.cdiv(hi_last, KB)
     sink_blk = tl.cdiv(tl.minimum(n_sinks, n_keys), KB)
     # 1. each row's log-sum-exp over its tile's local and sink keys
     norm = tl.full([TG * HGP * SP], float("-inf"), tl.float32)
@@ -284,13 +286,7 @@ def _select_kernel(
         positive = tl.where(reps > 0, reps, 0.0).to(KMAX.dtype.element_ty)
         negative = tl.where(reps < 0, reps, 0.0).to(KMAX.dtype.element_ty)
 
-    lo = (tl.maximum(first_row + QB - window, 0) // KB) * KB
-    if CAUSAL:
-        hi = tl.minimum(tl.minimum(first_row + QB, n_queries), n_keys)
-        n_visit = tl.cdiv(hi, KB)
-    else:
-        hi = tl.minimum(((first_row + window + KB - 1) // KB) * KB, n_keys)
-        n_visit = n_kb
+    lo, hi, n_visit = _tile_span(t, n_queries, n_keys, n_kb, window, QB, KB, CAUSAL)
     k_base = (b * kv_heads + hkv).to(tl.int64) * n_kb * D
     hs = tl.arange(0, HG)
     row_base = ((b * q_heads + h0 + hs).to(tl.int64) * n_tiles + t) * n_kb  # [HG]

@@ -145,13 +145,13 @@ def row_scores(q: Tensor, k: Tensor, geo: TileGeometry, rows: int, fixed: Tensor
     keys = pad_rows(k.float(), n_b * kb)
     k_pos = torch.arange(n_b * kb, device=q.device)
     size = ((k_pos < nk).view(n_b, kb).sum(-1)).float()
-    queries = q if rep_dtype is None else q.to(rep_dtype)  # the GPU's dot takes q's dtype
+    queries = (q if rep_dtype is None else q.to(rep_dtype)).float()  # the GPU's dot takes q's dtype
     out = torch.empty(batch, kv_heads, groups, n_t, n_b, device=q.device)
     step = max(1, _SCORE_BUDGET // (batch * kv_heads * groups * rows * n_b * kb))
     for first in range(0, n_t, step):
         tiles = slice(first, first + step)
         rows_pos = picked[tiles]  # [t, S]
-        s = queries.float()[..., rows_pos, :] @ keys[:, :, None, None].mT  # [B, Hkv, G, t, S, nk]
+        s = queries[..., rows_pos, :] @ keys[:, :, None, None].mT  # [B, Hkv, G, t, S, nk]
         keep = k_pos < nk
         if geo.causal:
             keep = keep & (k_pos <= rows_pos[..., None])
