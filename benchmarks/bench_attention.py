@@ -39,6 +39,7 @@ IMPLS = {
     "select_k16": {"select_topk": 16},
     "select_kb64": {"select_block": 64, "select_topk": 16},
     "select_m90": {"select_mass": 0.9, "select_topk": 16, "select_min": 2},
+    "select_m95_k40": {"select_mass": 0.95, "select_topk": 40, "select_min": 4},
     "select_bound": {"select_score": "bound"},
     "select_rows4": {"select_rows": 4},
     "select_rows16": {"select_rows": 16},
@@ -46,7 +47,7 @@ IMPLS = {
     "paper": "PAPER",
 }
 FWD_BWD = ("sdpa", "shipped", "default", "longformer", "flex_longformer", "select_m90",
-           "select_bound")  # fmt: skip
+           "select_m95_k40", "select_bound")  # fmt: skip
 
 
 def _params(spec):

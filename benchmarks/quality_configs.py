@@ -72,6 +72,12 @@ BASE.update(
     }
 )
 
+# fewer sampled rows per tile (select_rows, 8 by default): each halving halves the scoring work
+for _name in ("select_w512_k8", "select_w512_k12", "select_w512_k16", "select_w512_m90",
+              "select_w512_m95_k40"):  # fmt: skip
+    for _rows in (4, 2):
+        BASE[f"{_name}_r{_rows}"] = {**BASE[_name], "select_rows": _rows}
+
 
 def names() -> list[str]:
     return list(BASE)

@@ -29,10 +29,13 @@ import triton.language as tl
 
 from hyperpass.config import HyperConfig
 from hyperpass.kernels.host import cdiv, last_dim_contiguous, next_pow2
-from hyperpass.reference.select import BUCKET_WIDTH, N_BUCKETS
+from hyperpass.reference.select import BUCKET_WIDTH, N_BUCKETS, ROW_SHARE_CAP
 
 _KEY_TILE = 64  # key blocks per step of the score loop
 _GROUPS_PAD = 16  # a dot's smallest height: the row groups, padded
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+_SHARE_CAP2 = tl.constexpr(ROW_SHARE_CAP * 1.4426950408889634)  # in log2 units
 
 
 def key_block_extremes(k: torch.Tensor, kb: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,6 +180,47 @@ def _tile_span(t, n_queries, n_keys, n_kb, window, QB: tl.constexpr, KB: tl.cons
 
 
 @triton.jit
+def _block_share(x, k_base, stride_kn, j, rows, norm2, n_keys, D: tl.constexpr,
+                 BLOCK_D: tl.constexpr, KB: tl.constexpr, KC: tl.constexpr,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """Per row of ``x``: the log of block ``j``'s mass relative to ``exp(norm)`` (``norm2`` is
+    ``norm`` in log2 units), each key's ratio clipped to ``exp(+-ROW_SHARE_CAP)``. Relative to
+    a known norm the sum needs no running max (FlashAttention's rescaling) and, clipped, cannot
+    overflow or underflow fp32; ``MASKED``: the block may hold keys past ``n_keys`` or (causal)
+    after a row."""
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([x.shape[0]], tl.float32)
+    for c in tl.static_range(0, KB, KC):  # unrolled: the caller's loop over blocks pipelines
+        cols = j * KB + c + tl.arange(0, KC)
+        ptrs = k_base + cols[:, None].to(tl.int64) * stride_kn + d[None, :]
+        if MASKED:
+            keys = tl.load(ptrs, mask=(cols < n_keys)[:, None] & (d < D)[None, :], other=0.0)
+        elif BLOCK_D == D:
+            keys = tl.load(ptrs)
+        else:
+            keys = tl.load(ptrs, mask=(d < D)[None, :], other=0.0)
+        s = tl.dot(x, tl.trans(keys), input_precision=PRECISION)
+        s = tl.minimum(tl.maximum(s * _LOG2E - norm2[:, None], -_SHARE_CAP2), _SHARE_CAP2)
+        if MASKED:
+            keep = (cols < n_keys)[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        acc += tl.sum(tl.exp2(s), axis=1)
+    return tl.where(acc > 0, tl.log2(tl.maximum(acc, 1e-30)) * _LN2, float("-inf"))
+
+
+@triton.jit
+def _store_scores(SCORES, row_base, pair_ok, share, row_ok, j, n_keys, KB: tl.constexpr,
+                  PAIRS: tl.constexpr, SP: tl.constexpr):  # fmt: skip
+    """Block ``j``'s score of each (tile, head) pair: the max over its rows, per key."""
+    share = tl.where(row_ok, share, float("-inf"))
+    size = tl.minimum(n_keys - j * KB, KB).to(tl.float32)
+    score = tl.max(tl.reshape(share, (PAIRS, SP)), axis=1) - tl.log(size)
+    tl.store(SCORES + row_base + j, score, mask=pair_ok)
+
+
+@triton.jit
 def _row_scores_kernel(
     Q, K, SCORES, scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -190,7 +234,8 @@ def _row_scores_kernel(
     from ``t0`` and the ``HG`` query heads ``h0 ..``, ``S`` rows each: every block the tiles
     visit gets each (tile, head)'s score in the scratch rows the selection kernel ranks. The
     rows of several tiles share each load of a key block (one dot for all of them)."""
-    t0 = tl.program_id(0) * TG
+    # the last tiles first: causal, they visit the most blocks (the longest programs start early)
+    t0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * TG
     pid = tl.program_id(1)
     chunks = GROUP // HG
     b = pid // (kv_heads * chunks)
@@ -229,17 +274,24 @@ def _row_scores_kernel(
         if CAUSAL:
             fixed = fixed & (j < hi_blk)
         norm = _logaddexp(norm, tl.where(fixed, lse, float("-inf")))
-    # 2. every visited block: max over the rows of its mass relative to the local mass, per key
+    # 2. every visited block: max over the rows of its mass relative to the local mass, per
+    # key; the blocks no row of the program masks first, without the masks
+    norm2 = norm * _LOG2E
     p = tl.arange(0, TG * HGP)  # (tile, head) pairs
     pair_ok = (t0 + p // HGP < n_tiles) & (p % HGP < HG)
     row_base = ((b * q_heads + h0 + p % HGP).to(tl.int64) * n_tiles + t0 + p // HGP) * n_kb
-    for j in range(0, n_visit):
-        lse = _block_lse(x, k_base, stride_kn, j, rows, n_keys, D, BLOCK_D, KB, KC, CAUSAL,
-                         PRECISION)  # fmt: skip
-        share = tl.where(row_ok, lse - norm, float("-inf"))
-        size = tl.minimum(n_keys - j * KB, KB).to(tl.float32)
-        score = tl.max(tl.reshape(share, (TG * HGP, SP)), axis=1) - tl.log(size)
-        tl.store(SCORES + row_base + j, score, mask=pair_ok)
+    unmasked = n_keys // KB
+    if CAUSAL:
+        unmasked = tl.minimum(unmasked, (tl.minimum(t0 * QB, n_queries - 1) + 1) // KB)
+    unmasked = tl.minimum(unmasked, n_visit)
+    for j in range(0, unmasked):
+        share = _block_share(x, k_base, stride_kn, j, rows, norm2, n_keys, D, BLOCK_D, KB, KC,
+                             False, CAUSAL, PRECISION)  # fmt: skip
+        _store_scores(SCORES, row_base, pair_ok, share, row_ok, j, n_keys, KB, TG * HGP, SP)
+    for j in range(unmasked, n_visit):
+        share = _block_share(x, k_base, stride_kn, j, rows, norm2, n_keys, D, BLOCK_D, KB, KC,
+                             True, CAUSAL, PRECISION)  # fmt: skip
+        _store_scores(SCORES, row_base, pair_ok, share, row_ok, j, n_keys, KB, TG * HGP, SP)
 
 
 @triton.jit
@@ -533,9 +585,12 @@ def select_block_lists(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: Hype
 
 
 def _row_scores(q, k, scores, scale, cfg: HyperConfig, causal: bool, window: int,
-                precision: str) -> None:  # fmt: skip
+                precision: str, target: int | None = None, num_warps: int | None = None,
+                num_stages: int | None = None) -> None:  # fmt: skip
     """``select_score="rows"``: each tile's block scores into ``scores`` [B, Hq, n_tiles,
-    n_blocks] (the blocks a causal tile cannot see are left unset, as the bounds leave them)."""
+    n_blocks] (the blocks a causal tile cannot see are left unset, as the bounds leave them).
+    ``target`` (rows per program), ``num_warps`` and ``num_stages``: launch overrides for
+    ``tools/profile_row_scores.py``."""
     batch, q_heads, nq, dim = q.shape
     kv_heads, nk = k.shape[1], k.shape[2]
     qb, kb, rows = cfg.query_block, cfg.select_block, cfg.select_rows
@@ -544,7 +599,12 @@ def _row_scores(q, k, scores, scale, cfg: HyperConfig, causal: bool, window: int
     heads = 1  # query heads of one KV head per program: a power of two, up to 64 rows
     while group % (2 * heads) == 0 and 2 * heads * rows_pad <= 64:
         heads *= 2
-    target = 128 if dim <= 128 else 64  # rows per program: each key load serves them all
+    # rows per program (each key load serves them all), warps and stages: the fastest of 3 x 2
+    # x 3 on an H200 at 32k-128k (tools/profile_row_scores.py, docs/performance.md)
+    if target is None:
+        target = 128 if 64 < dim <= 128 else 64
+    if num_stages is None:
+        num_stages = 3 if dim <= 64 else 2
     tiles = 1
     while 2 * tiles * heads * rows_pad <= target and tiles < next_pow2(n_tiles):
         tiles *= 2
@@ -554,6 +614,7 @@ def _row_scores(q, k, scores, scale, cfg: HyperConfig, causal: bool, window: int
         q_heads, kv_heads, nq, nk, cdiv(nk, kb), n_tiles, window, cfg.sinks,
         GROUP=group, HG=heads, HGP=heads_pad, TG=tiles, S=rows, SP=rows_pad, D=dim,
         BLOCK_D=next_pow2(dim), QB=qb, KB=kb, KC=min(kb & -kb, 128), CAUSAL=causal,
-        PRECISION=precision, num_warps=8 if tiles * heads_pad * rows_pad >= 128 else 4,
-        num_stages=3,
+        PRECISION=precision,
+        num_warps=num_warps or 4,
+        num_stages=num_stages,
     )  # fmt: skip

@@ -19,8 +19,9 @@ tile attends exactly (softmax over the union, causal mask on top when causal) to
      log-sum-exp of the row's scores over the block's keys (causal: those at or before the
      row) and ``L_i`` over the tile's local and sink keys; the score is
      ``max_i (lse_ib - L_i) - log(len(block))``: the log of the block's mass per key relative
-     to the local mass, for the row that needs it most. One block holding a passkey is found
-     this way; a bound on whole blocks misses it among blocks of varied text;
+     to the local mass, for the row that needs it most (each key's ratio to the local mass
+     clipped to ``exp(+-ROW_SHARE_CAP)``). One block holding a passkey is found this way; a
+     bound on whole blocks misses it among blocks of varied text;
    * ``"bound"``: the bound Quest (Tang et al. 2024) uses: for a block with per-channel key
      maxima ``kmax`` and minima ``kmin`` and a query ``q`` (scaled),
 
@@ -56,6 +57,9 @@ from hyperpass.reference.softmax import attend, pad_rows
 
 BUCKET_WIDTH = 0.125  # score units (natural-log logits) per ranking bucket
 N_BUCKETS = 128  # buckets below the best candidate; lower scores share the last
+# select_score="rows": a key's mass counts as exp(-ROW_SHARE_CAP) .. exp(ROW_SHARE_CAP) times
+# the tile's local mass (so the GPU sums each block relative to it in fp32, without a running max)
+ROW_SHARE_CAP = 64.0
 _SCORE_BUDGET = 2**26  # scores per step of the attention (256 MB of fp32): bounds its memory
 
 
@@ -135,6 +139,7 @@ def sampled_rows(geo: TileGeometry, rows: int) -> Tensor:
     return (starts + picks[None, :]).clamp(max=geo.nq - 1)
 
 
+@torch.no_grad()  # in place below; a ranking is not differentiated
 def row_scores(q: Tensor, k: Tensor, geo: TileGeometry, rows: int, fixed: Tensor,
                rep_dtype: torch.dtype | None = None) -> Tensor:  # fmt: skip
     """[B, Hkv, G, n_tiles, n_blocks] fp32: ``select_score="rows"``, each block's log mass per
@@ -158,8 +163,11 @@ def row_scores(q: Tensor, k: Tensor, geo: TileGeometry, rows: int, fixed: Tensor
         s = s.masked_fill(~keep, float("-inf")).unflatten(-1, (n_b, kb))
         block_lse = torch.logsumexp(s, -1)  # [B, Hkv, G, t, S, n_b]
         local = block_lse.masked_fill(~fixed[tiles, None, :], float("-inf"))
-        norm = torch.logsumexp(local, -1, keepdim=True)
-        out[..., tiles, :] = (block_lse - norm).amax(-2) - size.log()
+        norm = torch.logsumexp(local, -1, keepdim=True)  # finite: a row's own key is local
+        hidden = ~keep.unflatten(-1, (n_b, kb))
+        ratio = s.sub_(norm[..., None]).clamp_(-ROW_SHARE_CAP, ROW_SHARE_CAP)  # in place: memory
+        share = torch.logsumexp(ratio.masked_fill_(hidden, float("-inf")), -1)
+        out[..., tiles, :] = share.amax(-2) - size.log()
     return out
 
 
@@ -237,11 +245,12 @@ def select_block_mask(q: Tensor, k: Tensor, cfg: HyperConfig, causal: bool,
     """[B, Hkv, G, n_tiles, n_blocks] bool: the key blocks each query tile attends to."""
     geo = tile_geometry(q.shape[-2], k.shape[-2], cfg, causal, q.device)
     fixed, candidate = block_kinds(geo, cfg.sinks)
-    if cfg.select_score == "rows":
-        scores = row_scores(q, k, geo, cfg.select_rows, fixed, rep_dtype)
-    else:
-        scores = block_scores(q, k, geo, cfg.query_groups, rep_dtype)
-    return choose_blocks(scores, fixed, candidate, geo, cfg)
+    with torch.no_grad():  # a discrete choice: nothing to differentiate
+        if cfg.select_score == "rows":
+            scores = row_scores(q, k, geo, cfg.select_rows, fixed, rep_dtype)
+        else:
+            scores = block_scores(q, k, geo, cfg.query_groups, rep_dtype)
+        return choose_blocks(scores, fixed, candidate, geo, cfg)
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, blocks: Tensor, qb: int, kb: int,

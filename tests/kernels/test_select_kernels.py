@@ -73,6 +73,27 @@ def test_block_lists_equal_the_reference_selection(params, shape, causal, score)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_rows_cap_each_keys_share_as_the_reference(causal):
+    """Keys that outscore the rest by far more than exp(ROW_SHARE_CAP): far away, their blocks
+    tie at the cap (the nearest wins, not the strongest); in the local span, every candidate
+    ties at the floor (a plain fp32 sum would underflow to nothing). In the kernel as in the
+    reference."""
+    cfg = SELECT.replace(select_score="rows", select_topk=1)
+    n, dim = 256, 64
+    q, k, _, _ = inputs(1, 1, 1, n, n, dim, torch.float32)
+    direction = torch.nn.functional.normalize(torch.randn(dim), dim=0)
+    for key, strength in ((5, 40.0), (70, 30.0)):  # scores 200 and 150 with the last query
+        k[0, 0, key] = strength * direction
+    q[0, 0, :] = 0.1 * q[0, 0, :] + 40 * direction  # every row points at both keys
+    scale = dim**-0.5
+    got = _dense(*select_block_lists(q, k, scale, cfg, causal), n_blocks=n // cfg.select_block)
+    want = select_block_mask((q * scale).unsqueeze(2), k, cfg, causal, rep_dtype=torch.float32)
+    assert torch.equal(got, want.reshape(got.shape))
+    last = want[0, 0, 0, -1]  # the last tile: both far blocks are candidates, tied at the cap
+    assert last[70 // cfg.select_block] and not last[5 // cfg.select_block]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_ties_go_to_the_blocks_nearest_the_tile(causal):
     """Zero queries bound every block by 0: one bucket, the choice is the tie order alone.
     Tile 5 of 10 (local blocks 4-5 causal, 4-6 not): causal takes 3, 2, 1; non-causal alternates

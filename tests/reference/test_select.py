@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hyperpass.config import HyperConfig
 from hyperpass.op import hyper_attention
 from hyperpass.reference import hyper_attention_reference
-from hyperpass.reference.select import BUCKET_WIDTH, N_BUCKETS
+from hyperpass.reference.select import BUCKET_WIDTH, N_BUCKETS, ROW_SHARE_CAP
 
 FP32 = {"atol": 2e-5, "rtol": 2e-5}
 
@@ -56,8 +56,10 @@ def _tile_blocks(q_tile, keys, cfg: HyperConfig, s: int, n: int, causal: bool) -
             block_lse = [torch.logsumexp(row[j * kb : (j + 1) * kb], 0).item() for j in range(n_kb)]
             fixed = [block_lse[j] for j in local | sinks]
             norm = torch.logsumexp(torch.tensor(fixed), 0).item()
-            for j in range(n_kb):
-                share = block_lse[j] - norm - math.log(min((j + 1) * kb, n) - j * kb)
+            for j in range(n_kb):  # each visible key's ratio to the local mass, clipped
+                keys_j = row[j * kb : (j + 1) * kb]
+                ratio = (keys_j[keys_j > -math.inf] - norm).clamp(-ROW_SHARE_CAP, ROW_SHARE_CAP)
+                share = torch.logsumexp(ratio, 0).item() - math.log(min((j + 1) * kb, n) - j * kb)
                 scores[j] = max(scores[j], share)
     budget = min(cfg.select_topk, len(candidates))
     if candidates:
