@@ -9,6 +9,8 @@ cuDNN on H100/H200) measured in the same process.
 Implementations (``IMPLS``): ``sdpa``; ``default`` (the package default, method="select",
 timed with ``min_len=1`` so the method itself runs at every length; ``shipped`` gives what the
 default does at that length: SDPA below the break-even of ``hyperpass.op.cost_model``);
+``default_recompute``: the default with its backward recomputing the forward, as calls traced
+by ``torch.compile`` do (eager calls keep the forward's graph, ``registration.KEEP_FORWARD_GRAPH``);
 ``select_*`` variants; ``longformer`` (window 2048 + 16 sinks) through hyperpass and
 ``flex_longformer``: FlexAttention on the same mask written as a user would
 (``create_block_mask`` + ``torch.compile(flex_attention)``); ``selection``: the block selection
@@ -46,8 +48,8 @@ IMPLS = {
     "longformer": LONGFORMER,
     "paper": "PAPER",
 }
-FWD_BWD = ("sdpa", "shipped", "default", "longformer", "flex_longformer", "select_m90",
-           "select_m95_k40", "select_bound")  # fmt: skip
+FWD_BWD = ("sdpa", "shipped", "default", "default_recompute", "longformer", "flex_longformer",
+           "select_m90", "select_m95_k40", "select_bound")  # fmt: skip
 
 
 def _params(spec):
@@ -79,6 +81,20 @@ def implementations(setting: dict, causal: bool, names):
         fns["shipped"] = lambda q, k, v: hyperpass.hyper_attention(
             q, k, v, is_causal=causal, enable_gqa=gqa
         )
+    if "default_recompute" in names:  # its backward recomputes the forward (the compiled path)
+        cfg = DEFAULT.replace(min_len=1)
+
+        def recompute(q, k, v):
+            from hyperpass.op import registration
+
+            registration.KEEP_FORWARD_GRAPH = False
+            try:
+                return hyperpass.hyper_attention(q, k, v, is_causal=causal, enable_gqa=gqa,
+                                                 config=cfg)  # fmt: skip
+            finally:
+                registration.KEEP_FORWARD_GRAPH = True
+
+        fns["default_recompute"] = recompute
     if "selection" in names:
         scale = setting["dim"] ** -0.5
         fns["selection"] = lambda q, k, v: select_block_lists(q, k, scale, DEFAULT, causal)

@@ -14,12 +14,13 @@ import functools
 import torch
 
 # Measured on an NVIDIA H200 (torch 2.11, bf16, causal; benchmarks/bench_attention.py, results in
-# benchmarks/results/bench_attention_rows_h200.json for select, bench_attention_h200.json for
+# benchmarks/results/bench_attention_default_h200.json for select, bench_attention_h200.json for
 # the other methods): the shortest benchmarked length from which the method is no slower than
-# SDPA forward *and* forward+backward (the op's choice may depend on shapes only, or a backward
-# could differentiate another computation than its forward). Keyed by the GPU work per token,
-# B * Hq * D: below 2048 (12 heads of 64) the host's fixed cost per call weighs more, so the
-# method pays later (select at 16k with 12 heads of 64: 0.86x forward+backward, host-bound).
+# SDPA forward *and* forward+backward, the backward recomputing the forward as compiled calls do
+# (the op's choice may depend on shapes only, or a backward could differentiate another
+# computation than its forward). Keyed by the GPU work per token, B * Hq * D: below 2048 (12
+# heads of 64) the method pays later (select at 16k with 12 heads of 64: 0.87x
+# forward+backward recomputed, 1.28x with the eager kept graph).
 _HOPPER = {
     # method: (break-even when B * Hq * D >= 2048, below)
     "select": (16384, 32768),

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -81,8 +83,46 @@ def _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, params
 )
 @signature.positional("q", "k", "v")
 def _hyper_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *params):
-    out = _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, params)
-    return out.contiguous()
+    args = (attn_mask, dropout_p, is_causal, scale, enable_gqa, params)
+    _KEPT.entry = None
+    if KEEP_FORWARD_GRAPH and any(t.requires_grad for t in (q, k, v)):
+        cfg = signature.config_of(params)
+        kernels = _serving_kernels(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg)
+        if kernels is not None and kernels.backward_by_autograd(cfg):
+            return _forward_keeping_graph(q, k, v, *args)
+    return _forward(q, k, v, *args).contiguous()
+
+
+# Eager calls that autograd records run the block methods' forward under autograd and hand its
+# graph to their backward (through ``_KEPT``, the op's impl to its setup_context within one
+# autograd.Function.forward), which then skips recomputing the selection and FlexAttention's
+# forward; the lists, lse and sink copies live until the backward. Calls traced by torch.compile
+# recompute (their backward is a separate graph). False: always recompute (less memory). An
+# entry no setup_context took (inputs requiring grad under no_grad) lives until the next call.
+KEEP_FORWARD_GRAPH = True
+_KEPT = threading.local()
+
+
+def _serving_kernels(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg):
+    """``hyperpass.kernels`` when they compute this call's approximation, else None (exact,
+    the reference, or no Triton)."""
+    if not q.is_cuda or one_exact_leaf(q.shape[-2], is_causal, cfg):
+        return None
+    if skip_reason(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg) is not None:
+        return None
+    kernels = _kernel_module()
+    if kernels is None or kernels.unsupported_reason(q, k, v, is_causal, cfg) is not None:
+        return None
+    return kernels
+
+
+def _forward_keeping_graph(q, k, v, *args) -> Tensor:
+    with _autograd_inside_op(), torch.enable_grad():
+        inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out = _forward(*inputs, *args)
+    result = out.detach().contiguous()
+    _KEPT.entry = (weakref.ref(result), out, inputs)  # a weak key: ids of dead tensors recur
+    return result
 
 
 @_hyper_attention.register_fake
@@ -118,14 +158,11 @@ def _hyper_attention_backward(
     grad_out, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *params
 ):
     cfg = signature.config_of(params)
-    reason = skip_reason(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg)
-    if q.is_cuda and reason is None and not one_exact_leaf(q.shape[-2], is_causal, cfg):
-        kernels = _kernel_module()
-        served = kernels is not None and kernels.unsupported_reason(q, k, v, is_causal, cfg) is None
-        if served and not kernels.backward_by_autograd(cfg):
-            return kernels.hyper_attention_backward(
-                grad_out, q, k, v, is_causal=is_causal, scale=scale, config=cfg
-            )
+    kernels = _serving_kernels(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg)
+    if kernels is not None and not kernels.backward_by_autograd(cfg):
+        return kernels.hyper_attention_backward(
+            grad_out, q, k, v, is_causal=is_causal, scale=scale, config=cfg
+        )
     # Recompute the forward under autograd: the gradients of exactly what the forward computed.
     # Dropout would draw a new mask here, so training with dropout is not supported exactly.
     with _autograd_inside_op(), torch.enable_grad():
@@ -150,11 +187,22 @@ def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask = inputs[:4]  # the autograd layer passes every argument, defaults filled
     ctx.save_for_backward(q, k, v, attn_mask)
     ctx.scalars = inputs[4:]
+    entry, _KEPT.entry = getattr(_KEPT, "entry", None), None
+    ctx.kept = entry[1:] if entry is not None and entry[0]() is output else None
 
 
 def _backward(ctx, grad_out):
-    q, k, v, attn_mask = ctx.saved_tensors
-    dq, dk, dv = hyper_attention_backward(grad_out, q, k, v, attn_mask, *ctx.scalars)
+    kept, ctx.kept = ctx.kept, None  # once: a second backward (retain_graph) recomputes
+    if kept is not None:
+        out, inputs = kept
+        grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+        dq, dk, dv = (
+            torch.zeros_like(t) if g is None else g.contiguous()
+            for g, t in zip(grads, inputs, strict=True)
+        )
+    else:
+        q, k, v, attn_mask = ctx.saved_tensors
+        dq, dk, dv = hyper_attention_backward(grad_out, q, k, v, attn_mask, *ctx.scalars)
     return (dq, dk, dv) + (None,) * (len(signature.PARAMETERS))
 
 
