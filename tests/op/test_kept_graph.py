@@ -15,7 +15,8 @@ from hyperpass.config import DEFAULT
 from hyperpass.op import hyper_attention, registration
 from hyperpass.reference import hyper_attention_reference
 
-CFG = DEFAULT.replace(min_len=16, window=32, select_block=16, query_block=16, select_rows=4)
+OVERRIDES = dict(min_len=16, window=32, select_block=16, query_block=16, select_rows=4)
+CFG = DEFAULT.replace(**OVERRIDES)
 
 
 def qkv(seed=0, n=70):
@@ -102,8 +103,8 @@ def test_compiled_calls_recompute(autograd_kernels):
         hyper_attention(*qkv(6), is_causal=True, enable_gqa=True, config=CFG)
     grad_out = torch.randn(1, 4, 70, 16)
 
-    def attend(q, k, v):
-        return hyper_attention(q * 1.0, k, v, is_causal=True, enable_gqa=True, config=CFG)
+    def attend(q, k, v):  # overrides, not a config: torch 2.11's Dynamo cannot rebuild one
+        return hyper_attention(q * 1.0, k, v, is_causal=True, enable_gqa=True, **OVERRIDES)
 
     out = torch.compile(attend, backend="aot_eager", fullgraph=True)(q, k, v)
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
