@@ -11,6 +11,8 @@ timed with ``min_len=1`` so the method itself runs at every length; ``shipped`` 
 default does at that length: SDPA below the break-even of ``hyperpass.op.cost_model``);
 ``default_recompute``: the default with its backward recomputing the forward, as calls traced
 by ``torch.compile`` do (eager calls keep the forward's graph, ``registration.KEEP_FORWARD_GRAPH``);
+``default_compiled``: the default through ``torch.compile(..., backend=hyperpass.backend())``
+(Inductor; its training graph keeps the block lists for the backward, ``compiler/training.py``);
 ``select_*`` variants; ``longformer`` (window 2048 + 16 sinks) through hyperpass and
 ``flex_longformer``: FlexAttention on the same mask written as a user would
 (``create_block_mask`` + ``torch.compile(flex_attention)``); ``selection``: the block selection
@@ -48,8 +50,8 @@ IMPLS = {
     "longformer": LONGFORMER,
     "paper": "PAPER",
 }
-FWD_BWD = ("sdpa", "shipped", "default", "default_recompute", "longformer", "flex_longformer",
-           "select_m90", "select_m95_k40", "select_bound")  # fmt: skip
+FWD_BWD = ("sdpa", "shipped", "default", "default_recompute", "default_compiled", "longformer",
+           "flex_longformer", "select_m90", "select_m95_k40", "select_bound")  # fmt: skip
 
 
 def _params(spec):
@@ -95,6 +97,14 @@ def implementations(setting: dict, causal: bool, names):
                 registration.KEEP_FORWARD_GRAPH = True
 
         fns["default_recompute"] = recompute
+    if "default_compiled" in names:  # what a torch.compile user gets: one graph per length
+
+        def attention(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+        fns["default_compiled"] = torch.compile(
+            attention, backend=hyperpass.backend(min_len=1), dynamic=False
+        )
     if "selection" in names:
         scale = setting["dim"] ** -0.5
         fns["selection"] = lambda q, k, v: select_block_lists(q, k, scale, DEFAULT, causal)

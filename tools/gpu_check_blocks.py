@@ -38,14 +38,45 @@ def _dense(part_num, part_idx, full_num, full_idx, n_blocks) -> torch.Tensor:
     return dense[..., :n_blocks]
 
 
+PATHS = ("eager", "planned", "compiled")
+
+
+def _select_call(path: str, inputs, key_mask, causal: bool, cfg, params: dict):
+    """The op as one of ``PATHS`` calls it: eager (the forward's graph kept for the backward),
+    the planned op of compiled training graphs called eagerly, or ``torch.compile`` with the
+    backend (Inductor, dynamic shapes; no key mask: SDPA takes it without ``is_causal``)."""
+    if path == "eager":
+        return hyperpass.hyper_attention(*inputs, attn_mask=key_mask, is_causal=causal,
+                                         enable_gqa=True, config=cfg)  # fmt: skip
+    if path == "planned":
+        from hyperpass.op import hyper_attention_with_plan_op, op_args
+
+        args = op_args(*inputs, attn_mask=key_mask, is_causal=causal, enable_gqa=True,
+                       config=cfg)  # fmt: skip
+        return hyper_attention_with_plan_op(*args)[0]
+    assert key_mask is None, "compiled: no key mask"
+
+    def attention(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, enable_gqa=True
+        )
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attention, backend=hyperpass.backend(min_len=1, **params),
+                             dynamic=True)  # fmt: skip
+    return compiled(*inputs)
+
+
 def select_case(batch, q_heads, kv_heads, n, dim, causal, params, grads=True, padded=False,
-                pairs_per_copy=None) -> dict:  # fmt: skip
+                pairs_per_copy=None, path="eager") -> dict:  # fmt: skip
     """``padded``: a key-padding mask, left padding on row 0, right padding on the last row.
-    ``pairs_per_copy``: the backward's copies of the sink blocks from that many pairs on."""
+    ``pairs_per_copy``: the backward's copies of the sink blocks from that many pairs on.
+    ``path``: how the op is called (:func:`_select_call`)."""
     if pairs_per_copy is not None:
         default, flex._PAIRS_PER_SINK_COPY = flex._PAIRS_PER_SINK_COPY, pairs_per_copy
         try:  # the copies counted under the same override the case ran with
-            row = select_case(batch, q_heads, kv_heads, n, dim, causal, params, grads, padded)
+            row = select_case(batch, q_heads, kv_heads, n, dim, causal, params, grads, padded,
+                              path=path)  # fmt: skip
             group = q_heads // kv_heads
             copies = flex.sink_copies(DEFAULT.replace(**params), n, n, group, causal, padded)
         finally:
@@ -69,7 +100,8 @@ def select_case(batch, q_heads, kv_heads, n, dim, causal, params, grads=True, pa
     ref_sel = select_block_mask(scaled, k.float(), cfg, causal, rep_dtype=q.dtype)
     ref_sel = ref_sel.reshape(mine.shape)
     row = {
-        "case": f"select {params} B{batch} H{q_heads}/{kv_heads} n{n} d{dim} causal={causal}",
+        "case": f"select {params} B{batch} H{q_heads}/{kv_heads} n{n} d{dim} causal={causal}"
+        + ("" if path == "eager" else f" {path}"),
         "tiles_differing": (mine != ref_sel).any(-1).float().mean().item(),
         "blocks_per_tile": mine.sum(-1).float().mean().item(),
     }
@@ -90,8 +122,7 @@ def select_case(batch, q_heads, kv_heads, n, dim, causal, params, grads=True, pa
         return out.reshape(shape_q)
 
     inputs = [t.detach().requires_grad_(grads) for t in (q, k, v)]
-    out = hyperpass.hyper_attention(*inputs, attn_mask=key_mask, is_causal=causal,
-                                    enable_gqa=True, config=cfg)  # fmt: skip
+    out = _select_call(path, inputs, key_mask, causal, cfg, params)
     oracle_in = [t.detach().double().requires_grad_(grads) for t in (q, k, v)]
     low_in = [t.detach().float().requires_grad_(grads) for t in (q, k, v)]
     oracle = reference(*oracle_in, dtype=torch.float64)
@@ -143,6 +174,10 @@ def cases(quick: bool):
     yield select_case, (1, 8, 2, n_small, 64, True, {}, True, False, 32)  # odd: padded keys
     yield select_case, (2, 4, 4, n_small, 128, False, {}, True, True, 32)
     yield select_case, (1, 4, 2, 4096, 128, False, {"sinks": 200}, True, False, 32)
+    for path in PATHS[1:]:  # compiled training graphs: the lists kept for the backward
+        yield select_case, (1, 8, 2, n_small, 128, True, {}, True, False, 32, path)
+        yield select_case, (1, 12, 12, n_small, 64, False, {}, True, False, None, path)
+    yield select_case, (2, 4, 2, n_small, 64, True, {}, True, True, 32, "planned")
     yield pattern_case, (1, 4, 2, n_small, 64, True, {"method": "longformer", "window": 1024})
     yield pattern_case, (1, 2, 2, n_small, 128, False, {"method": "dilated", "window": 512,
                                                         "dilation": 2})  # fmt: skip

@@ -5,10 +5,12 @@
     model = torch.compile(model, backend="hyperpass")   # the defaults
     model = torch.compile(model, backend="hyperpass", mode="reduce-overhead")  # CUDA graphs
 
-The rewrite runs on the Dynamo graph before AOTAutograd, so the op's own autograd is used; the
-rewritten graph goes to Inductor (default), ``aot_eager`` or ``eager``. ``torch.compile``'s
-``mode`` and ``options`` reach Inductor as they would with ``backend="inductor"``. Nothing global
-is changed: no Inductor config, no custom pass left installed.
+The rewrite runs on the Dynamo graph before AOTAutograd, so the op's own autograd is used (in
+training graphs select's sites keep their block lists for the backward,
+``hyperpass.compiler.training``); the rewritten graph goes to Inductor (default), ``aot_eager``
+or ``eager``. ``torch.compile``'s ``mode`` and ``options`` reach Inductor as they would with
+``backend="inductor"``. Nothing global is changed: no Inductor config, no custom pass left
+installed.
 
 The name ``"hyperpass"`` is found through the ``torch_dynamo_backends`` entry point of an
 installed hyperpass; this module also registers it when that entry point is missing (a plain
@@ -23,6 +25,7 @@ from collections.abc import Callable, Mapping
 from torch import fx
 
 from hyperpass.compiler.rewrite import RewriteOptions, rewrite_graph
+from hyperpass.compiler.training import is_training_graph, keep_plans
 from hyperpass.config import HyperConfig, field_names
 from hyperpass.selection import check_exclusive, check_last_n_layers, check_layers
 
@@ -127,6 +130,8 @@ def backend(
     def hyperpass_compile(gm, example_inputs, mode=None, options=None):
         patches = inductor_patches(inner, mode, options)  # bad arguments fail before the rewrite
         reports.extend(rewrite_graph(gm, example_inputs, rewrite))
+        if is_training_graph(gm, example_inputs):
+            keep_plans(gm)
         return _inner_compile(inner, gm, example_inputs, patches)
 
     hyperpass_compile.options = rewrite  # also how explain() finds a compiled model's settings

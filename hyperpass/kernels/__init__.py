@@ -8,6 +8,10 @@
 * :func:`hyper_attention_backward` - the true (dq, dk, dv) of ``method="hyper"``; the block
   methods' backward is FlexAttention's autograd (:func:`backward_by_autograd`).
 
+and, for the planned op of compiled training graphs (``hyperpass.op.planned``), select's
+forward that keeps its block lists and the backward over them (:func:`plan_shapes`,
+:func:`select_forward_with_plan`, :func:`select_backward_over_plan`).
+
 Layout: ``hyper/`` (sortLSH, samples, the causal recursion; with ``pattern.py`` for its exact
 window/sinks part), ``flex.py`` (the block methods, ``select`` and the patterns, through
 PyTorch's FlexAttention) with ``select_blocks.py`` (``select``'s block selection),
@@ -24,6 +28,7 @@ import torch
 
 from hyperpass.config import HyperConfig
 from hyperpass.kernels import flex as _flex
+from hyperpass.kernels.flex import plan_shapes, select_backward_over_plan, select_forward_with_plan
 from hyperpass.kernels.hyper import launch as _hyper
 from hyperpass.kernels.tuning import Tuning, tuning_for
 
@@ -33,6 +38,9 @@ MAX_HEAD_DIM = 256
 __all__ = [
     "Tuning",
     "backward_by_autograd",
+    "plan_shapes",
+    "select_backward_over_plan",
+    "select_forward_with_plan",
     "hyper_attention_backward",
     "hyper_attention_forward",
     "tuning_for",

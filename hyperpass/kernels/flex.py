@@ -248,16 +248,57 @@ def select_forward(q, k, v, *, is_causal: bool, scale: float | None, config: Hyp
     ``key_mask``: a boolean key-padding mask [B, 1, 1, Nk]; its padded keys are never read.
     Under autograd the mask gets the lists of the backward, and the sink blocks their copies
     (:func:`sink_copies`; ``copies`` overrides it, for tests)."""
-    from hyperpass.kernels.select_blocks import select_block_lists, sink_blocks
+    backward = _records_autograd(q, k, v)
+    if copies is None:
+        copies = _copies(q, k, is_causal, config, key_mask) if backward else 0
+    lists = _select_lists(q, k, scale, config, is_causal, copies)
+    out = select_over_lists(q, k, v, lists, copies, is_causal=is_causal, scale=scale,
+                            config=config, key_mask=key_mask, backward=backward)  # fmt: skip
+    if out is None:
+        out = _reference(q, k, v, is_causal, _scale(q, scale), config, key_mask)
+    return out, None
 
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+def select_forward_with_plan(q, k, v, plan, *, is_causal: bool, scale: float | None,
+                             config: HyperConfig, key_mask=None):  # fmt: skip
+    """``method="select"`` that also keeps its lists for the backward: writes them into
+    ``plan`` (:func:`plan_shapes`: four int32 tensors, filled from their first entries), with
+    the sink copies the backward uses. The output; None where FlexAttention cannot serve (past
+    the recompile limit), whose caller answers by the reference and recomputes its gradients."""
+    copies = _copies(q, k, is_causal, config, key_mask)
+    lists = _select_lists(q, k, scale, config, is_causal, copies, out=plan)
+    return select_over_lists(q, k, v, lists, copies, is_causal=is_causal, scale=scale,
+                             config=config, key_mask=key_mask, backward=False)  # fmt: skip
+
+
+def select_backward_over_plan(grad_out, q, k, v, plan, *, is_causal: bool,
+                              scale: float | None, config: HyperConfig, key_mask=None):  # fmt: skip
+    """(dq, dk, dv) of :func:`select_forward_with_plan` from the lists it wrote into ``plan``:
+    FlexAttention's forward and backward over them, no selection. None where FlexAttention
+    cannot serve. Runs where autograd records (the op's backward lifts the exclusion)."""
+    copies = _copies(q, k, is_causal, config, key_mask)
+    lists = plan_lists(plan, q, k, config, copies)
+    inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out = select_over_lists(*inputs, lists, copies, is_causal=is_causal, scale=scale,
+                            config=config, key_mask=key_mask, backward=True)  # fmt: skip
+    if out is None:
+        return None
+    grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+    return tuple(
+        torch.zeros_like(t) if g is None else g.contiguous()
+        for g, t in zip(grads, inputs, strict=True)
+    )
+
+
+def select_over_lists(q, k, v, lists, copies: int, *, is_causal: bool, scale: float | None,
+                      config: HyperConfig, key_mask=None, backward: bool):  # fmt: skip
+    """FlexAttention over select's lists (:func:`select_block_lists`, with ``copies`` sink
+    copies); ``backward``: the mask also gets the backward's lists. None past the recompile
+    limit."""
+    from hyperpass.kernels.select_blocks import sink_blocks
+
     nq, nk, gqa = q.shape[-2], k.shape[-2], q.shape[1] != k.shape[1]
     valid = None if key_mask is None else key_valid(key_mask, q.shape[0], nk)
-    backward = _records_autograd(q, k, v)
-    group = q.shape[1] // k.shape[1]
-    if copies is None:
-        copies = sink_copies(config, nq, nk, group, is_causal, valid is not None) if backward else 0
-    lists = select_block_lists(q, k, scale, config, is_causal, copies)
     keys, values = k, v
     if copies:
         n_sink = sink_blocks(config, nk)
@@ -267,10 +308,57 @@ def select_forward(q, k, v, *, is_causal: bool, scale: float | None, config: Hyp
         causal_mod() if is_causal else no_mask_mod(), backward,
     )  # fmt: skip
     options = _kernel_options(config, q.shape[-1])
-    out = _flex(q, keys, values, mask, scale, gqa, options, True, valid)
-    if out is None:
-        out = _reference(q, k, v, is_causal, scale, config, key_mask)
-    return out, None
+    return _flex(q, keys, values, mask, _scale(q, scale), gqa, options, True, valid)
+
+
+def _scale(q, scale) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def _copies(q, k, is_causal: bool, config: HyperConfig, key_mask) -> int:
+    group = q.shape[1] // k.shape[1]
+    return sink_copies(config, q.shape[-2], k.shape[-2], group, is_causal, key_mask is not None)
+
+
+def _select_lists(q, k, scale, config, is_causal, copies, out=None):
+    from hyperpass.kernels.select_blocks import select_block_lists
+
+    return select_block_lists(q, k, _scale(q, scale), config, is_causal, copies, out=out)
+
+
+# ----------------------------------------------------------------------------- kept plans
+def plan_shapes(batch, q_heads, kv_heads, nq, nk, config: HyperConfig):
+    """Shapes of the lists a planned forward keeps for its backward: counts [B, Hq, n_tiles],
+    ids [B, Hq, n_tiles, width] (partial, then full: :func:`select_block_lists`'s order), with
+    ``width`` the most sink copies :func:`sink_copies` can ask for, so that the shapes are
+    expressions of the input shapes that install no guard (symbolic sizes stay symbolic). The
+    lists fill the ids' first entries at their own width (:func:`plan_lists`)."""
+    qb, kb = config.query_block, config.select_block
+    n_tiles = (nq + qb - 1) // qb
+    n_sink = (torch.sym_min(config.sinks, nk) + kb - 1) // kb
+    most_copies = (n_tiles * (q_heads // kv_heads) + _PAIRS_PER_SINK_COPY - 1) // (
+        _PAIRS_PER_SINK_COPY
+    )
+    width = (nk + kb - 1) // kb + most_copies * n_sink
+    counts, ids = (batch, q_heads, n_tiles), (batch, q_heads, n_tiles, width)
+    return counts, ids, counts, ids
+
+
+def plan_lists(plan, q, k, config: HyperConfig, copies: int):
+    """The lists a planned forward wrote into ``plan``: the ids as [B, Hq, n_tiles, width] views
+    of their first entries, ``width`` being this call's (``copies`` sink copies)."""
+    from hyperpass.kernels.select_blocks import sink_blocks
+
+    part_num, part_idx, full_num, full_idx = plan
+    nk, kb = k.shape[-2], config.select_block
+    n_sink = sink_blocks(config, nk) if copies else 0
+    width = cdiv(nk, kb) + copies * n_sink
+    lead = part_num.shape
+
+    def head(ids):
+        return ids.reshape(-1)[: part_num.numel() * width].view(*lead, width)
+
+    return part_num, head(part_idx), full_num, head(full_idx)
 
 
 def pattern_forward(q, k, v, *, is_causal: bool, scale: float | None, config: HyperConfig):

@@ -530,13 +530,16 @@ def sink_blocks(cfg: HyperConfig, n_keys: int) -> int:
 
 
 def select_block_lists(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: HyperConfig,
-                       causal: bool, sink_copies: int = 0) -> tuple[torch.Tensor, ...]:  # fmt: skip
+                       causal: bool, sink_copies: int = 0,
+                       out: tuple | None = None) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """FlexAttention block lists of ``method="select"`` for q [B, Hq, Nq, D], k [B, Hkv, Nk, D]:
     (partial count [B, Hq, n_tiles], partial ids [B, Hq, n_tiles, width], full count, full
     ids), int32, each list ascending; ids past a count are unset. ``sink_copies`` = R > 0: the
     keys are read as ``cdiv(Nk, select_block)`` blocks followed by R copies of the
     ``sink_blocks`` (which must be whole blocks); tile t reads copy ``t % R`` of each sink
-    block it reads in full, listed first (``width`` = blocks + R * sink blocks)."""
+    block it reads in full, listed first (``width`` = blocks + R * sink blocks). ``out``: four
+    contiguous int32 tensors to write into (the counts' shapes, ids of at least ``width``
+    entries per list, filled from their first entries: ``flex.plan_lists``)."""
     q, k = last_dim_contiguous(q), last_dim_contiguous(k)
     batch, q_heads, nq, dim = q.shape
     kv_heads, nk = k.shape[1], k.shape[2]
@@ -561,16 +564,23 @@ def select_block_lists(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: Hype
             PRECISION=precision, num_warps=8 if qb * dim > 8192 else 4,
         )  # fmt: skip
     hg, rp = _program_rows(group, groups)
-    full_num = torch.empty(batch, q_heads, n_tiles, dtype=torch.int32, device=dev)
-    part_num = torch.empty_like(full_num)
     # lists in the full block width, as FlexAttention's lowerings and its transposition (for
     # the backward) read them; only the counts' entries are written
     n_sink = sink_blocks(cfg, nk) if sink_copies > 0 else 0
     if n_sink * kb > nk:
         raise ValueError(f"sink copies need whole sink blocks: {cfg.sinks} sinks, {nk} keys")
     width = n_kb + sink_copies * n_sink
-    full_idx = torch.empty(batch, q_heads, n_tiles, width, dtype=torch.int32, device=dev)
-    part_idx = torch.empty_like(full_idx)
+    counts, ids = (batch, q_heads, n_tiles), (batch, q_heads, n_tiles, width)
+    if out is None:
+        full_num = torch.empty(counts, dtype=torch.int32, device=dev)
+        full_idx = torch.empty(ids, dtype=torch.int32, device=dev)
+        part_num, part_idx = torch.empty_like(full_num), torch.empty_like(full_idx)
+    else:
+        part_num, part_idx, full_num, full_idx = out
+        if tuple(part_num.shape) != counts or part_idx.numel() < part_num.numel() * width:
+            raise ValueError(f"out: counts {counts} and ids of >= {width} per list expected")
+        part_idx, full_idx = (t.view(-1)[: part_num.numel() * width].view(ids)
+                              for t in (part_idx, full_idx))  # fmt: skip
     _select_kernel[(n_tiles, batch * kv_heads * (group // hg))](
         reps, kmax, kmin, scores, full_num, full_idx, part_num, part_idx,
         float(cfg.select_mass),

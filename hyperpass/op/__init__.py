@@ -4,10 +4,13 @@ eligibility rule. Importing it registers the op; it never imports Triton or the 
 - :mod:`~hyperpass.op.signature`: the op's arguments, generated from ``HyperConfig``;
 - :mod:`~hyperpass.op.eligibility`: which calls stay exact, and why;
 - :mod:`~hyperpass.op.registration`: the custom ops (fake, autograd, dispatch) and
-  :func:`hyper_attention`, the drop-in for ``F.scaled_dot_product_attention``.
+  :func:`hyper_attention`, the drop-in for ``F.scaled_dot_product_attention``;
+- :mod:`~hyperpass.op.planned`: the op of compiled training graphs, which keeps select's block
+  lists for its backward.
 """
 
 from hyperpass.op.eligibility import Reason, skip_reason
+from hyperpass.op.planned import hyper_attention_with_plan_op, keeps_plan
 from hyperpass.op.registration import (
     causal_and,
     hyper_attention,
@@ -24,6 +27,8 @@ __all__ = [
     "hyper_attention",
     "hyper_attention_backward",
     "hyper_attention_op",
+    "hyper_attention_with_plan_op",
+    "keeps_plan",
     "op_args",
     "skip_reason",
 ]

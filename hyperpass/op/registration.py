@@ -47,7 +47,7 @@ def causal_and(key_mask: Tensor, nq: int, nk: int) -> Tensor:
     return key_mask & torch.ones(nq, nk, dtype=torch.bool, device=key_mask.device).tril()
 
 
-def _kernel_module():
+def kernel_module():
     """The Triton kernels for CUDA tensors, or None where they cannot be imported."""
     try:
         from hyperpass import kernels
@@ -58,7 +58,7 @@ def _kernel_module():
 
 
 def _approximate(q, k, v, key_mask, is_causal, scale, cfg):
-    kernels = _kernel_module() if q.is_cuda else None
+    kernels = kernel_module() if q.is_cuda else None
     if kernels is not None and kernels.unsupported_reason(q, k, v, is_causal, cfg) is None:
         return kernels.hyper_attention_forward(
             q, k, v, is_causal=is_causal, scale=scale, config=cfg, with_lse=False,
@@ -69,7 +69,7 @@ def _approximate(q, k, v, key_mask, is_causal, scale, cfg):
     )[0]
 
 
-def _forward(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, params) -> Tensor:
+def op_forward(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, params) -> Tensor:
     cfg = signature.config_of(params)
     reason = skip_reason(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg)
     if reason is not None or one_exact_leaf(q.shape[-2], is_causal, cfg):
@@ -87,10 +87,10 @@ def _hyper_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa
     _KEPT.entry = None
     if KEEP_FORWARD_GRAPH and any(t.requires_grad for t in (q, k, v)):
         cfg = signature.config_of(params)
-        kernels = _serving_kernels(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg)
+        kernels = serving_kernels(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg)
         if kernels is not None and kernels.backward_by_autograd(cfg):
             return _forward_keeping_graph(q, k, v, *args)
-    return _forward(q, k, v, *args).contiguous()
+    return op_forward(q, k, v, *args).contiguous()
 
 
 # Eager calls that autograd records run the block methods' forward under autograd and hand its
@@ -103,23 +103,23 @@ KEEP_FORWARD_GRAPH = True
 _KEPT = threading.local()
 
 
-def _serving_kernels(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg):
+def serving_kernels(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg):
     """``hyperpass.kernels`` when they compute this call's approximation, else None (exact,
     the reference, or no Triton)."""
     if not q.is_cuda or one_exact_leaf(q.shape[-2], is_causal, cfg):
         return None
     if skip_reason(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg) is not None:
         return None
-    kernels = _kernel_module()
+    kernels = kernel_module()
     if kernels is None or kernels.unsupported_reason(q, k, v, is_causal, cfg) is not None:
         return None
     return kernels
 
 
 def _forward_keeping_graph(q, k, v, *args) -> Tensor:
-    with _autograd_inside_op(), torch.enable_grad():
+    with autograd_inside_op(), torch.enable_grad():
         inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out = _forward(*inputs, *args)
+        out = op_forward(*inputs, *args)
     result = out.detach().contiguous()
     _KEPT.entry = (weakref.ref(result), out, inputs)  # a weak key: ids of dead tensors recur
     return result
@@ -131,7 +131,7 @@ def _(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *params):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
-def _autograd_inside_op():
+def autograd_inside_op():
     """Re-enable autograd dispatch inside an op's kernel.
 
     A custom op's kernel runs below the autograd dispatch keys, so ``torch.enable_grad()`` alone
@@ -158,16 +158,16 @@ def _hyper_attention_backward(
     grad_out, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *params
 ):
     cfg = signature.config_of(params)
-    kernels = _serving_kernels(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg)
+    kernels = serving_kernels(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg)
     if kernels is not None and not kernels.backward_by_autograd(cfg):
         return kernels.hyper_attention_backward(
             grad_out, q, k, v, is_causal=is_causal, scale=scale, config=cfg
         )
     # Recompute the forward under autograd: the gradients of exactly what the forward computed.
     # Dropout would draw a new mask here, so training with dropout is not supported exactly.
-    with _autograd_inside_op(), torch.enable_grad():
+    with autograd_inside_op(), torch.enable_grad():
         inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out = _forward(*inputs, attn_mask, dropout_p, is_causal, scale, enable_gqa, params)
+        out = op_forward(*inputs, attn_mask, dropout_p, is_causal, scale, enable_gqa, params)
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
     return tuple(
         torch.zeros_like(t) if g is None else g.contiguous()

@@ -61,6 +61,14 @@ def _schema_arguments(tensors: Sequence[str]) -> str:
 
 FORWARD_SCHEMA = f"({_schema_arguments(('q', 'k', 'v'))}) -> Tensor"
 BACKWARD_SCHEMA = f"({_schema_arguments(('grad_out', 'q', 'k', 'v'))}) -> (Tensor, Tensor, Tensor)"
+PLAN = ("part_num", "part_idx", "full_num", "full_idx")  # select's lists, kept for the backward
+PLANNED_FORWARD_SCHEMA = (
+    f"({_schema_arguments(('q', 'k', 'v'))}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+PLANNED_BACKWARD_TENSORS = ("grad_out", "q", "k", "v", *PLAN)
+PLANNED_BACKWARD_SCHEMA = (
+    f"({_schema_arguments(PLANNED_BACKWARD_TENSORS)}) -> (Tensor, Tensor, Tensor)"
+)
 
 
 def op_args(

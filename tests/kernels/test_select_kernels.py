@@ -161,6 +161,55 @@ def test_flex_over_sink_copies_equals_the_reference(causal, shape, padded):
     close("out", out, low, high)
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "causal-padding-mask"])
+def test_planned_forward_keeps_the_lists_of_its_backward(monkeypatch, padded):
+    """The planned forward (compiled training graphs) writes into shape-only plan buffers the
+    lists its backward reads, sink copies included: those :func:`select_block_lists` gives,
+    and its output is the reference's."""
+    from hyperpass.kernels import flex
+
+    monkeypatch.setattr(flex, "_PAIRS_PER_SINK_COPY", 8)  # 7 tiles x 3 heads: 3 copies
+    cfg = SELECT.replace(sinks=40)
+    q, k, v, _ = inputs(1, 3, 1, 200, 200, 32, torch.float32)
+    key_mask = None
+    if padded:
+        key_mask = torch.ones(1, 1, 1, 200, dtype=torch.bool)
+        key_mask[..., 150:] = False
+    copies = flex._copies(q, k, True, cfg, key_mask)
+    assert copies == 3
+    shapes = flex.plan_shapes(1, 3, 1, 200, 200, cfg)
+    assert shapes[1] == (1, 3, 7, 7 + 3 * 2)
+    plan = tuple(torch.empty(s, dtype=torch.int32) for s in shapes)
+    out = flex.select_forward_with_plan(q, k, v, plan, is_causal=True, scale=None, config=cfg,
+                                        key_mask=key_mask)  # fmt: skip
+    kept = flex.plan_lists(plan, q, k, cfg, copies)
+    want = select_block_lists(q, k, 32**-0.5, cfg, True, sink_copies=copies)
+    for num, ids, want_num, want_ids in ((kept[0], kept[1], want[0], want[1]),
+                                         (kept[2], kept[3], want[2], want[3])):  # fmt: skip
+        assert torch.equal(num, want_num)
+        for h in range(3):
+            for t in range(7):
+                n = int(num[0, h, t])
+                assert torch.equal(ids[0, h, t, :n], want_ids[0, h, t, :n])
+    low, _ = hyper_attention_reference(q, k, v, is_causal=True, config=cfg, key_mask=key_mask)
+    high, _ = hyper_attention_reference(*(t.double() for t in (q, k, v)), is_causal=True,
+                                        config=cfg, key_mask=key_mask)  # fmt: skip
+    close("out", out, low, high)
+
+
+def test_plan_shapes_cover_every_call():
+    """The plan's ids hold the lists of any copies :func:`sink_copies` asks for."""
+    from hyperpass.config import DEFAULT
+    from hyperpass.kernels.flex import plan_shapes, sink_copies
+
+    for n, group in ((131072, 4), (8192, 1), (131077, 4), (1000, 8)):
+        counts, ids, _, _ = plan_shapes(1, 8 * group, 8, n, n, DEFAULT)
+        for causal, padded in ((True, False), (False, False), (False, True)):
+            copies = sink_copies(DEFAULT, n, n, group, causal, padded)
+            assert counts == (1, 8 * group, -(-n // 128))
+            assert ids[-1] >= -(-n // 128) + copies
+
+
 def test_sink_copies_rule():
     from hyperpass.config import DEFAULT
     from hyperpass.kernels.flex import sink_copies

@@ -29,7 +29,7 @@ def qkv(seed=0, n=70):
 def autograd_kernels(monkeypatch):
     """Every approximated call takes the kept-graph path; counts the backward op's calls."""
     stand_in = types.SimpleNamespace(backward_by_autograd=lambda cfg: True)
-    monkeypatch.setattr(registration, "_serving_kernels", lambda *args: stand_in)
+    monkeypatch.setattr(registration, "serving_kernels", lambda *args: stand_in)
     calls = []
     real = registration.hyper_attention_backward
 
