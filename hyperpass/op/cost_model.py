@@ -15,12 +15,13 @@ import torch
 
 # Measured on an NVIDIA H200 (torch 2.11, bf16, causal; benchmarks/bench_attention.py, results in
 # benchmarks/results/bench_attention_default_h200.json for select, bench_attention_h200.json for
-# the other methods): the shortest benchmarked length from which the method is no slower than
-# SDPA forward *and* forward+backward, the backward recomputing the forward as compiled calls do
-# (the op's choice may depend on shapes only, or a backward could differentiate another
-# computation than its forward). Keyed by the GPU work per token, B * Hq * D: below 2048 (12
-# heads of 64) the method pays later (select at 16k with 12 heads of 64: 0.87x
-# forward+backward recomputed, 1.28x with the eager kept graph).
+# the other methods; bench_attention_compiled_h200.json for select under torch.compile): the
+# shortest benchmarked length from which the method is no slower than SDPA forward *and*
+# forward+backward in every path, eager and compiled training (the op's choice may depend on
+# shapes only, or a backward could differentiate another computation than its forward). Keyed
+# by the GPU work per token, B * Hq * D: below 2048 (12 heads of 64) the method pays later
+# (select at 16k with 12 heads of 64: 0.94x forward+backward compiled, 1.32x eager; with 32
+# heads of 128 at 8k: 0.95x compiled).
 _HOPPER = {
     # method: (break-even when B * Hq * D >= 2048, below)
     "select": (16384, 32768),

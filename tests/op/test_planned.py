@@ -81,6 +81,7 @@ def stand_in(monkeypatch):
     monkeypatch.setattr(planned, "kernel_module", lambda: kernels)
     monkeypatch.setattr(planned, "keeps_plan", lambda q, k, cfg: cfg.method == "select")
     monkeypatch.setattr(training, "keeps_plan", lambda q, k, cfg: cfg.method == "select")
+
     # the public op's serving check stays the real one (CPU: the reference)
     def serving(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, cfg):
         return kernels if q.shape[-2] >= cfg.min_len else None
