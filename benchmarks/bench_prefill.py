@@ -9,10 +9,16 @@ the last position's logits only, as ``generate()`` prefills (the LM head over ev
 a third of the model's time at 128k). Rows:
 ``eager`` (the model as is), ``compile`` (``torch.compile(model)``), ``hyperpass``
 (``torch.compile(model, backend=hyperpass.backend())``: the defaults, the measured break-even
-included). Each: median wall time of the forward over a few calls after warm-up, peak memory,
-and the backend's rewritten-site count.
+included), ``hyperpass_recompute`` (the same with ``training.KEEP_PLANS = False``: with
+``--train``, the backward selects again). Each: median wall time of the forward over a few
+calls after warm-up, peak memory, and the backend's rewritten-site count.
+
+``--train``: a fine-tuning step instead: the decoder stack's forward and backward (the loss a
+mean of the last hidden states' squares; the LM head and its n x vocabulary logits left out),
+gradients for every weight, in train mode.
 
     python benchmarks/bench_prefill.py --out $OUT/prefill.json [--lengths 32768 131072]
+    python benchmarks/bench_prefill.py --train --out $OUT/train.json
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ def main() -> int:
         default=0.0,
         help="left-pad the first row by this share of n (a padded batch)",
     )
+    parser.add_argument("--train", action="store_true", help="a fine-tuning step (see above)")
     parser.add_argument("--logits-to-keep", type=int, default=0,
                         help="0: logits at every position; 1: the last one, as generate() "
                              "prefills")  # fmt: skip
@@ -74,35 +81,43 @@ def main() -> int:
     import torch
 
     import hyperpass
+    from hyperpass.compiler import training
 
     model = build(args.layers)
+    if args.train:
+        model.train()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "layers": args.layers, "logits_to_keep": args.logits_to_keep,
-              "batch": args.batch, "left_pad": args.left_pad, "rows": []}  # fmt: skip
+              "batch": args.batch, "left_pad": args.left_pad, "train": args.train,
+              "rows": []}  # fmt: skip
     for n in args.lengths:
         ids = torch.randint(0, 128256, (args.batch, n), device="cuda")
-        call_kwargs = {"use_cache": False, "logits_to_keep": args.logits_to_keep}
+        call_kwargs = {"use_cache": False}
+        if not args.train:
+            call_kwargs["logits_to_keep"] = args.logits_to_keep
         if args.left_pad > 0:
             keep = torch.ones_like(ids)
             keep[0, : int(args.left_pad * n)] = 0
             call_kwargs["attention_mask"] = keep
         for name in args.rows.split(","):
             row = {"n": n, "impl": name}
+            training.KEEP_PLANS = name != "hyperpass_recompute"
             try:
-                backend = hyperpass.backend() if name == "hyperpass" else None
+                backend = hyperpass.backend() if name.startswith("hyperpass") else None
+                module = model.model if args.train else model
                 if name == "eager":
-                    fn = model
+                    fn = module
                 elif name == "compile":
-                    fn = torch.compile(model, dynamic=False)
+                    fn = torch.compile(module, dynamic=False)
                 else:
-                    fn = torch.compile(model, backend=backend, dynamic=False)
-                with torch.no_grad():
+                    fn = torch.compile(module, backend=backend, dynamic=False)
+                call = _step(fn, ids, call_kwargs, args.train)
+                with torch.set_grad_enabled(args.train):
                     start = time.perf_counter()
-                    fn(ids, **call_kwargs)  # compile / warm up
+                    call()  # compile / warm up
                     torch.cuda.synchronize()
                     row["first_call_s"] = round(time.perf_counter() - start, 1)
                     torch.cuda.reset_peak_memory_stats()
-                    call = lambda fn=fn, ids=ids, kw=call_kwargs: fn(ids, **kw)  # noqa: E731
                     row["ms"] = round(timed(call, args.calls), 1)
                     row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 if backend is not None:
@@ -120,9 +135,23 @@ def main() -> int:
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(result, f, indent=1)
+            training.KEEP_PLANS = True
+            model.zero_grad(set_to_none=True)
             torch._dynamo.reset()
             torch.cuda.empty_cache()
     return 0
+
+
+def _step(fn, ids, kwargs: dict, train: bool):
+    """One timed call: the forward, or (``train``) the decoder's forward and backward."""
+    if not train:
+        return lambda: fn(ids, **kwargs)
+
+    def step():
+        hidden = fn(ids, **kwargs).last_hidden_state
+        hidden.float().square().mean().backward()
+
+    return step
 
 
 if __name__ == "__main__":
