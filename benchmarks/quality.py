@@ -6,7 +6,10 @@ A model of ``quality_models`` (``--model``: SmolLM2-135M at 8192 tokens, the def
 * perplexity on two texts that install with Python (``quality_texts``: source code, English prose),
   exact attention vs each configuration, all 30 layers rewritten or only the last N;
 * passkey retrieval: a 5-digit key hidden at several depths of an ~8192-token filler, asked back
-  at the end; score = share of the key's tokens predicted right (teacher-forced argmax);
+  at the end; score = share of the key's tokens predicted right (teacher-forced argmax: the
+  answer's tokens inside the approximated prefill), or, with ``--passkey-mode generate``, of the
+  tokens greedy decoding writes after the prompt, as ``generate()`` answers (the prompt's
+  prefill approximated, the decode steps exact);
 * kernel level: Q/K/V captured from every causal layer on the code text; relative error of the
   output and of the log-sum-exp vs exact, per configuration.
 
@@ -180,6 +183,15 @@ def passkey_score(model, ids: torch.Tensor, answer_len: int) -> float:
     """Share of the answer's last ``answer_len`` tokens predicted right (teacher-forced argmax)."""
     logits = model(input_ids=ids[None], logits_to_keep=answer_len + 1).logits[0, :-1]
     return (logits.argmax(-1) == ids[-answer_len:]).float().mean().item()
+
+
+@torch.inference_mode()
+def passkey_generated(model, ids: torch.Tensor, answer_len: int) -> float:
+    """Share of the answer's tokens that greedy decoding after the prompt writes."""
+    prompt = ids[None, :-answer_len]
+    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                         max_new_tokens=answer_len, do_sample=False)  # fmt: skip
+    return (out[0, prompt.shape[1] :] == ids[-answer_len:]).float().mean().item()
 
 
 @torch.inference_mode()
@@ -404,6 +416,7 @@ def run(args) -> None:
             "torch": torch.__version__,
             "impl": args.impl,
             "route": args.route,
+            "passkey_mode": args.passkey_mode,
         }
     )
     t0 = time.time()
@@ -442,14 +455,15 @@ def run(args) -> None:
             else router.active()
         )
         with routing as report:
-            for text, ids in texts.items():
+            for text, ids in texts.items() if not args.no_ppl else ():
                 row[f"ppl_{text}"] = perplexity(model, ids)
                 print(f"  {name}: perplexity on {text}: {row[f'ppl_{text}']:.3f} "
                       f"({time.time() - t1:.0f} s)", flush=True)  # fmt: skip
             by_haystack: dict[str, dict[str, float]] = {}
             for i, p in enumerate(passkeys):
                 scores = by_haystack.setdefault(p.get("haystack", "filler"), {})
-                scores[str(p["depth"])] = passkey_score(model, p["ids"].to(device), p["answer_len"])
+                score = passkey_generated if args.passkey_mode == "generate" else passkey_score
+                scores[str(p["depth"])] = score(model, p["ids"].to(device), p["answer_len"])
                 print(f"  {name}: passkey {i + 1}/{len(passkeys)} at depth {p['depth']}: "
                       f"{scores[str(p['depth'])]:.0%} ({time.time() - t1:.0f} s)",
                       flush=True)  # fmt: skip
@@ -462,7 +476,8 @@ def run(args) -> None:
                 row["calls_approximated"] = totals.approximated
                 row["calls_exact"] = dict(totals.exact)
                 # the layers approximated per forward (Gemma 3: its global layers only)
-                row["layers"] = totals.approximated // (len(texts) + len(passkeys))
+                forwards = (0 if args.no_ppl else len(texts)) + len(passkeys)
+                row["layers"] = totals.approximated // forwards
         if captured is not None and params is not None:
             row.update(kernel_errors(captured, params))
             measured = selected_keys_per_query(captured, params)
@@ -668,6 +683,10 @@ def main(argv=None) -> None:
         default=["filler"],
         help="prepare: passkey haystacks, 'filler', 'prose' or 'filler,prose'",
     )
+    parser.add_argument("--passkey-mode", choices=("teacher", "generate"), default="teacher",
+                        help="teacher: the answer teacher-forced in the prefill; generate: "
+                             "greedy decoding after the prompt")  # fmt: skip
+    parser.add_argument("--no-ppl", action="store_true", help="run: passkeys only")
     parser.add_argument("--kernel-level", action="store_true")
     parser.add_argument("--asset", default=None)
     parser.add_argument("--redo", action="store_true")

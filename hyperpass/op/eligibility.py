@@ -105,6 +105,8 @@ def length_reason(nq, nk, is_causal: bool, cfg: HyperConfig, device="cuda",
     nq, nk = _known(nq), _known(nk)
     if is_causal and nq is not None and nk is not None and nq != nk:
         return Reason("decode", f"causal with Nq={nq} != Nk={nk} (decode or chunked prefill)")
+    if nq == 1:  # whatever min_len says: one query reads each key once, nothing to save
+        return Reason("decode", "one query (decode step): exact")
     least = min_len_for(cfg, device, work)
     if least is None:
         return Reason(

@@ -376,7 +376,7 @@ def corpus() -> list[Case]:
         Case("sdpa_enable_gqa", Fn(sdpa_enable_gqa), qkv(h_kv=1), ((rw, "none"),), gqa=True),
         Case("sdpa_tiled_heads", Fn(sdpa_tiled_heads), qkv(h_kv=2), ((rw, "none"),)),
         Case("sdpa_cross_attention", Fn(sdpa_plain), qkv(n_q=32, n_k=48), ((rw, "none"),)),
-        Case("sdpa_decode", Fn(sdpa_plain), qkv(n_q=1, n_k=48), (("short", "none"),)),
+        Case("sdpa_decode", Fn(sdpa_plain), qkv(n_q=1, n_k=48), (("decode", "none"),)),
         Case("sdpa_short", Fn(sdpa_causal_kwarg), qkv(n_q=8), (("short", "none"),)),
         Case(
             "sdpa_dropout_training",
@@ -430,6 +430,6 @@ def corpus() -> list[Case]:
             (("mask:padding", "padding"),),
         ),
         Case("hw_cross_attention", Fn(hw_cross_attention), qkv(n_q=32, n_k=48), ((rw, "none"),)),
-        Case("hw_decode", Fn(hw_cross_attention), qkv(n_q=1, n_k=48), (("short", "none"),)),
+        Case("hw_decode", Fn(hw_cross_attention), qkv(n_q=1, n_k=48), (("decode", "none"),)),
     ]
     return cases

@@ -151,7 +151,7 @@ def test_decode_steps_after_prefill_are_exact(arch):
             token = step.argmax(-1)
     totals = hf.report("hyperpass-approx").totals()
     assert totals.approximated == N_LAYERS
-    assert totals.exact == {"sequence 1 shorter than min_len=16": 3 * N_LAYERS}
+    assert totals.exact == {"one query (decode step): exact": 3 * N_LAYERS}
 
 
 def test_last_n_layers_keeps_earlier_layers_exact():

@@ -131,6 +131,17 @@ def test_skip_reason_names_the_cause(kwargs, reason):
     assert got is not None and reason in got.words
 
 
+def test_one_query_is_exact_whatever_min_len():
+    """A decode step (one query, non-causal as HF calls it) is exact even at min_len=1: the
+    approximation's tiles would place it at the start of the keys, away from its recent ones."""
+    q, k, v = qkv(n=64)
+    q1 = q[:, :, -1:]
+    got = skip_reason(q1, k, v, None, 0.0, False, False, HyperConfig(min_len=1))
+    assert got is not None and got.code == "decode"
+    small = {**SMALL, "min_len": 1}
+    assert torch.equal(hyper_attention(q1, k, v, **small), F.scaled_dot_product_attention(q1, k, v))
+
+
 def test_gqa_needs_enable_gqa_like_sdpa():
     q, k, v = qkv(hq=4, hkv=2, n=64)
     with pytest.raises(RuntimeError):
