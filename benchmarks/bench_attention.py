@@ -45,6 +45,7 @@ IMPLS = {
     "select_m90": {"select_mass": 0.9, "select_topk": 16, "select_min": 2},
     "select_m95_k40": {"select_mass": 0.95, "select_topk": 40, "select_min": 4},
     "select_bound": {"select_score": "bound"},
+    "select_last0": {"select_last": 0},
     "select_rows4": {"select_rows": 4},
     "select_rows16": {"select_rows": 16},
     "longformer": LONGFORMER,

@@ -78,6 +78,10 @@ for _name in ("select_w512_k8", "select_w512_k12", "select_w512_k16", "select_w5
     for _rows in (4, 2):
         BASE[f"{_name}_r{_rows}"] = {**BASE[_name], "select_rows": _rows}
 
+# the last tile's floor (select_last, 32 by default; 0: the last tile ranked as every other)
+for _last in (0, 16):
+    BASE[f"select_w512_k8_l{_last}"] = {**BASE["select_w512_k8"], "select_last": _last}
+
 
 def names() -> list[str]:
     return list(BASE)

@@ -74,6 +74,11 @@ class HyperConfig:
         "mass, with the window's and sinks', reaches this share (select_min..select_topk)",
     )  # fmt: skip
     select_min: int = _param(0, 0, 65536, "method='select': fewest blocks selected (adaptive)")
+    select_last: int = _param(
+        32, 0, 65536,
+        "method='select', causal: fewest blocks the last query tile selects (a prompt's end, "
+        "whose rows predict the first generated tokens; 0: as every tile)",
+    )  # fmt: skip
     causal_algo: str = _param(
         "recursive",
         None,

@@ -246,7 +246,9 @@ def _row_scores_kernel(
     head = (m // SP) % HGP
     i = m % SP
     row_ok = (t < n_tiles) & (head < HG) & (i < S)
-    rows = tl.maximum(tl.minimum(t * QB + QB - 1 - i * (QB // S), n_queries - 1), 0)
+    present = tl.maximum(tl.minimum(n_queries - t * QB, QB), 1)  # a partial last tile's rows
+    rows = t * QB + tl.maximum(present - 1 - i * tl.maximum(present // S, 1), 0)
+    rows = tl.minimum(rows, n_queries - 1)  # the programs' tiles past the last: not stored
     d = tl.arange(0, BLOCK_D)
     q_ptr = (Q + b.to(tl.int64) * stride_qb + (h0 + head).to(tl.int64)[:, None] * stride_qh
              + rows.to(tl.int64)[:, None] * stride_qn + d[None, :])  # fmt: skip
@@ -305,7 +307,7 @@ def _select_kernel(
     REPS, KMAX, KMIN, SCORES, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
     mass_share,
     q_heads, kv_heads, n_queries, n_keys, n_kb, n_tiles, window, n_sinks, topk, min_blocks,
-    tie_steps, list_width, copy_base, copies, sink_blocks,
+    last_blocks, tie_steps, list_width, copy_base, copies, sink_blocks,
     GROUP: tl.constexpr, HG: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     QB: tl.constexpr, KB: tl.constexpr, GROUPS: tl.constexpr, RP: tl.constexpr,
     KEY_TILE: tl.constexpr, NB: tl.constexpr, LOG_NB: tl.constexpr, WIDTH: tl.constexpr,
@@ -382,6 +384,10 @@ def _select_kernel(
             total_mass = total_mass * rescale + tl.sum(mass, axis=1)
             top = new_top
     best2 = tl.where(n_cand > 0, best, 0.0)[:, None]
+    if CAUSAL:  # the prompt's end: generation reads its rows first
+        is_last = t == n_tiles - 1
+        topk = tl.where(is_last, tl.maximum(topk, last_blocks), topk)
+        min_blocks = tl.where(is_last, tl.maximum(min_blocks, last_blocks), min_blocks)
 
     # 2. the budget per head, then by bisection the bucket where the cut falls
     budget = tl.full([HG], 0, tl.int32) + tl.minimum(topk, n_cand)
@@ -585,7 +591,7 @@ def select_block_lists(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: Hype
         reps, kmax, kmin, scores, full_num, full_idx, part_num, part_idx,
         float(cfg.select_mass),
         q_heads, kv_heads, nq, nk, n_kb, n_tiles, window, cfg.sinks, cfg.select_topk,
-        cfg.select_min, (2 * n_kb).bit_length(), width, n_kb, sink_copies, n_sink,
+        cfg.select_min, cfg.select_last, (2 * n_kb).bit_length(), width, n_kb, sink_copies, n_sink,
         GROUP=group, HG=hg, D=dim, BLOCK_D=next_pow2(dim), QB=qb, KB=kb, GROUPS=groups, RP=rp,
         KEY_TILE=_KEY_TILE, NB=N_BUCKETS, LOG_NB=N_BUCKETS.bit_length() - 1, WIDTH=BUCKET_WIDTH,
         CAUSAL=causal, ADAPTIVE=cfg.select_mass > 0, PRECISION=precision,

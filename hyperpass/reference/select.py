@@ -14,8 +14,9 @@ tile attends exactly (softmax over the union, causal mask on top when causal) to
    a score per block (``select_score``):
 
    * ``"rows"`` (the default): the exact scores of ``select_rows`` rows of the tile, evenly
-     spaced and ending at its last row (``r_i = s + query_block - 1 - i * query_block /
-     select_rows``, clipped to the last query). For row ``i`` and block ``b``, ``lse_ib`` is the
+     spaced and ending at its last row (``r_i = s + m - 1 - i * max(m // select_rows, 1)``,
+     clipped to ``s``, for the tile's ``m`` queries: ``query_block`` but in a partial last
+     tile). For row ``i`` and block ``b``, ``lse_ib`` is the
      log-sum-exp of the row's scores over the block's keys (causal: those at or before the
      row) and ``L_i`` over the tile's local and sink keys; the score is
      ``max_i (lse_ib - L_i) - log(len(block))``: the log of the block's mass per key relative
@@ -32,7 +33,10 @@ tile attends exactly (softmax over the union, causal mask on top when causal) to
 
 How many blocks are selected: ``select_topk`` (``select_mass == 0``), or (``select_mass = t``)
 the fewest whose estimated softmax mass, with the local and sink blocks', reaches ``t`` of the
-row's total, between ``select_min`` and ``select_topk``. The mass of a block is estimated as
+row's total, between ``select_min`` and ``select_topk``; a causal call's last tile keeps at least
+``select_last`` (the prompt's end, whose rows predict what generation writes first: ranked by
+its few sampled rows, it would miss a far key that those rows need less than the answer's
+would). The mass of a block is estimated as
 ``len(block) * exp(score)``. Ranking is by score quantized to buckets of ``1/8`` below the tile's
 best candidate (ties inside a bucket: the block nearer the tile's local span first, the earlier
 of two at the same distance), which a GPU kernel computes exactly the same way without a sort
@@ -133,10 +137,15 @@ def block_scores(q: Tensor, k: Tensor, geo: TileGeometry, groups: int,
 
 
 def sampled_rows(geo: TileGeometry, rows: int) -> Tensor:
-    """[n_tiles, rows] the rows of each tile whose exact scores rank its blocks."""
-    picks = geo.qb - 1 - torch.arange(rows, device=geo.lo.device) * (geo.qb // rows)
-    starts = torch.arange(geo.n_tiles, device=geo.lo.device)[:, None] * geo.qb
-    return (starts + picks[None, :]).clamp(max=geo.nq - 1)
+    """[n_tiles, rows] the rows of each tile whose exact scores rank its blocks: evenly spaced
+    over the tile's queries, ending at its last one (a prompt's partial last tile, whose last
+    row predicts the first generated token, is spread over the rows it has)."""
+    dev = geo.lo.device
+    starts = torch.arange(geo.n_tiles, device=dev)[:, None] * geo.qb
+    present = (geo.nq - starts).clamp(max=geo.qb)  # [n_t, 1]
+    stride = (present // rows).clamp(min=1)
+    picks = (present - 1 - torch.arange(rows, device=dev)[None, :] * stride).clamp(min=0)
+    return starts + picks
 
 
 @torch.no_grad()  # in place below; a ranking is not differentiated
@@ -196,6 +205,9 @@ def choose_blocks(scores: Tensor, fixed: Tensor, candidate: Tensor, geo: TileGeo
     budget = torch.full_like(n_candidates, cfg.select_topk).expand(*scores.shape[:-1])
     if cfg.select_mass > 0:
         budget = _mass_budget(scores, fixed, candidate, bucket, geo, cfg)
+    if geo.causal and cfg.select_last:  # the prompt's end: generation reads its rows first
+        budget = budget.clone()
+        budget[..., -1] = budget[..., -1].clamp(min=cfg.select_last)
     budget = torch.minimum(budget, n_candidates)
     # rank: bucket first, distance to the local span second; the first ``budget`` are chosen
     order_key = bucket * (2 * geo.n_blocks) + tie_order(geo)

@@ -21,7 +21,7 @@ from tests.kernels.harness import close, inputs
 
 SELECT = HyperConfig(
     method="select", window=48, sinks=0, select_topk=3, select_block=32, query_block=32,
-    query_groups=4, min_len=1,
+    query_groups=4, min_len=1, select_last=0,
 )  # fmt: skip
 
 
@@ -47,8 +47,11 @@ CASES = [
     (dict(select_block=16, select_topk=5, query_groups=8), (1, 4, 2, 150, 150, 128)),
     (dict(select_mass=0.7, select_min=1, select_topk=6), (1, 2, 1, 230, 230, 64)),
     (dict(select_mass=1.0, select_topk=16, sinks=5), (1, 1, 1, 190, 120, 32)),
+    (dict(select_last=5), (1, 2, 1, 301, 301, 64)),
+    (dict(select_mass=0.7, select_min=1, select_topk=6, select_last=4), (1, 2, 1, 330, 330, 64)),
 ]
-IDS = ["gqa3", "sinks40", "qb64-batch2-odd", "kb16-d128", "adaptive", "adaptive-all-nq190-nk120"]
+IDS = ["gqa3", "sinks40", "qb64-batch2-odd", "kb16-d128", "adaptive", "adaptive-all-nq190-nk120",
+       "last5", "adaptive-last4"]  # fmt: skip
 
 
 @pytest.mark.parametrize("score", ["rows", "bound"])

@@ -48,8 +48,9 @@ def _tile_blocks(q_tile, keys, cfg: HyperConfig, s: int, n: int, causal: bool) -
             ).item()
     else:  # rows: each sampled row's log mass per block against its local and sink mass
         scores = {j: -math.inf for j in range(n_kb)}
+        m = min(qb, n - s)  # the tile's queries
         for i in range(cfg.select_rows):
-            r = min(s + qb - 1 - i * (qb // cfg.select_rows), n - 1)
+            r = s + max(m - 1 - i * max(m // cfg.select_rows, 1), 0)
             row = keys @ q_tile[r - s]
             if causal:
                 row[r + 1 :] = -math.inf
@@ -84,6 +85,8 @@ def _tile_blocks(q_tile, keys, cfg: HyperConfig, s: int, n: int, causal: bool) -
         def nearness(j):  # blocks before the local span, then after it (non-causal)
             return (lo // kb - 1 - j, 0) if (j + 1) * kb <= lo else (j - math.ceil(hi / kb), 1)
 
+        if causal and s + qb >= n:  # the last tile keeps at least select_last
+            budget = min(max(budget, cfg.select_last), len(candidates))
         ranked = sorted(candidates, key=lambda j: (bucket[j], *nearness(j)))
         chosen = set(ranked[:budget])
     else:
@@ -109,7 +112,7 @@ def dense_select_mask(q, k, cfg: HyperConfig, causal: bool) -> torch.Tensor:
     return mask
 
 
-BASE = {"window": 48, "select_block": 32, "query_block": 32, "select_topk": 3, "sinks": 0}
+BASE = dict(window=48, select_block=32, query_block=32, select_topk=3, sinks=0, select_last=0)
 CASES = [
     pytest.param(1, 2, 2, 130, 16, {}, id="N130"),
     pytest.param(2, 6, 2, 200, 16, {"sinks": 40, "query_groups": 4}, id="B2-GQA3-sinks40"),
@@ -118,6 +121,8 @@ CASES = [
     ),
     pytest.param(1, 2, 1, 230, 16, {"select_mass": 0.6, "select_min": 1}, id="adaptive"),
     pytest.param(1, 2, 2, 190, 16, {"select_mass": 1.0, "select_topk": 9}, id="adaptive-all"),
+    pytest.param(1, 2, 1, 301, 16, {"select_last": 5}, id="last-tile-5"),
+    pytest.param(1, 2, 1, 330, 16, {"select_mass": 0.6, "select_last": 4}, id="adaptive-last4"),
 ]
 
 
@@ -245,4 +250,27 @@ def test_rows_find_the_far_block_one_query_needs(seed):
     blocks = select_block_mask(q, k, cfg, True)[0, 0, 0, -1]
     chosen = set(torch.nonzero(blocks).flatten().tolist())
     local = set(range((n - cfg.window) // cfg.select_block, n // cfg.select_block))
+    assert chosen - local == {needle // cfg.select_block}
+
+
+@pytest.mark.parametrize("present", [3, 13, 31])
+def test_rows_spread_over_a_partial_last_tile(present):
+    """A prompt's last tile holds fewer rows than ``query_block``: its sampled rows are spread
+    over those it has (not all clipped to the last), so a far key that only an earlier row of
+    that tile matches is still selected for it."""
+    from hyperpass.reference.select import select_block_mask
+
+    gen = torch.Generator().manual_seed(present)
+    cfg = HyperConfig(method="select", **{**BASE, "select_topk": 1, "select_rows": 4})
+    n, dim, needle = 480 + present, 16, 50  # the last tile: rows 480 .. n - 1
+    k = torch.randn(1, 1, n, dim, generator=gen)
+    q = torch.randn(1, 1, 1, n, dim, generator=gen) / 4
+    direction = torch.randn(dim, generator=gen)
+    direction = direction / direction.norm()
+    k[0, 0, needle] = 8 * direction
+    asker = 480 + (present - 1) - (present // 4 if present >= 4 else 1)  # a sampled row, not last
+    q[0, 0, 0, asker] = 8 * direction
+    blocks = select_block_mask(q, k, cfg, True)[0, 0, 0, -1]
+    chosen = set(torch.nonzero(blocks).flatten().tolist())
+    local = set(range(max(480 + cfg.query_block - cfg.window, 0) // cfg.select_block, n // 32 + 1))
     assert chosen - local == {needle // cfg.select_block}
