@@ -232,25 +232,33 @@ def test_block_sparse_attention_equals_dense_masked_attention(causal):
         torch.testing.assert_close(g, w, **FP32)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_rows_find_the_far_block_one_query_needs(seed):
-    """A key planted far back that only the tile's last query matches (a passkey): its block is
-    the one block the rows estimator selects."""
+def _needle_blocks_chosen(cfg: HyperConfig, n: int, needle: int, asker: int, seed: int):
+    """The blocks the last tile selects besides its local span, when only query ``asker``
+    matches the key at ``needle`` (score 64 against about N(0, 8) elsewhere)."""
     from hyperpass.reference.select import select_block_mask
 
     gen = torch.Generator().manual_seed(seed)
-    n, dim, needle = 512, 16, 40 + 17 * seed  # blocks 1-2 of 16, far before the last tile
+    dim = 16
     k = torch.randn(1, 1, n, dim, generator=gen)
     q = torch.randn(1, 1, 1, n, dim, generator=gen) / 4
     direction = torch.randn(dim, generator=gen)
     direction = direction / direction.norm()
     k[0, 0, needle] = 8 * direction
-    q[0, 0, 0, n - 1] = 8 * direction  # scores: 64 for the needle, about N(0, 8) elsewhere
-    cfg = HyperConfig(method="select", **{**BASE, "select_topk": 1})
+    q[0, 0, 0, asker] = 8 * direction
     blocks = select_block_mask(q, k, cfg, True)[0, 0, 0, -1]
     chosen = set(torch.nonzero(blocks).flatten().tolist())
-    local = set(range((n - cfg.window) // cfg.select_block, n // cfg.select_block))
-    assert chosen - local == {needle // cfg.select_block}
+    last_tile = (n - 1) // cfg.query_block * cfg.query_block
+    first_local = max(last_tile + cfg.query_block - cfg.window, 0) // cfg.select_block
+    return chosen - set(range(first_local, (n - 1) // cfg.select_block + 1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rows_find_the_far_block_one_query_needs(seed):
+    """A key planted far back that only the tile's last query matches (a passkey): its block is
+    the one block the rows estimator selects."""
+    n, needle = 512, 40 + 17 * seed  # blocks 1-2 of 16, far before the last tile
+    cfg = HyperConfig(method="select", **{**BASE, "select_topk": 1})
+    assert _needle_blocks_chosen(cfg, n, needle, n - 1, seed) == {needle // cfg.select_block}
 
 
 @pytest.mark.parametrize("present", [3, 13, 31])
@@ -258,19 +266,8 @@ def test_rows_spread_over_a_partial_last_tile(present):
     """A prompt's last tile holds fewer rows than ``query_block``: its sampled rows are spread
     over those it has (not all clipped to the last), so a far key that only an earlier row of
     that tile matches is still selected for it."""
-    from hyperpass.reference.select import select_block_mask
-
-    gen = torch.Generator().manual_seed(present)
     cfg = HyperConfig(method="select", **{**BASE, "select_topk": 1, "select_rows": 4})
-    n, dim, needle = 480 + present, 16, 50  # the last tile: rows 480 .. n - 1
-    k = torch.randn(1, 1, n, dim, generator=gen)
-    q = torch.randn(1, 1, 1, n, dim, generator=gen) / 4
-    direction = torch.randn(dim, generator=gen)
-    direction = direction / direction.norm()
-    k[0, 0, needle] = 8 * direction
-    asker = 480 + (present - 1) - (present // 4 if present >= 4 else 1)  # a sampled row, not last
-    q[0, 0, 0, asker] = 8 * direction
-    blocks = select_block_mask(q, k, cfg, True)[0, 0, 0, -1]
-    chosen = set(torch.nonzero(blocks).flatten().tolist())
-    local = set(range(max(480 + cfg.query_block - cfg.window, 0) // cfg.select_block, n // 32 + 1))
-    assert chosen - local == {needle // cfg.select_block}
+    n, needle = 480 + present, 50  # the last tile: rows 480 .. n - 1
+    asker = n - 1 - max(present // 4, 1)  # a sampled row, not the last
+    got = _needle_blocks_chosen(cfg, n, needle, asker, present)
+    assert got == {needle // cfg.select_block}
