@@ -13,11 +13,11 @@ default does at that length: SDPA below the break-even of ``hyperpass.op.cost_mo
 by ``torch.compile`` do (eager calls keep the forward's graph, ``registration.KEEP_FORWARD_GRAPH``);
 ``default_compiled``: the default through ``torch.compile(..., backend=hyperpass.backend())``
 (Inductor; its training graph keeps the block lists for the backward, ``compiler/training.py``);
-``select_*`` variants; ``longformer`` (window 2048 + 16 sinks) through hyperpass and
-``flex_longformer``: FlexAttention on the same mask written as a user would
-(``create_block_mask`` + ``torch.compile(flex_attention)``); ``selection``: the block selection
-alone; ``paper``: ``config.PAPER``. FLOPs of exact attention: 4 * B * Hq * N^2 * D (halved when
-causal), forward.
+``select_*`` variants (``select_c*``: coarse tiles); ``longformer`` (window 2048 + 16
+sinks) through hyperpass and ``flex_longformer``: FlexAttention on the same mask written as a
+user would (``create_block_mask`` + ``torch.compile(flex_attention)``); ``selection`` (or
+``selection_<impl>``): the block selection alone; ``paper``: ``config.PAPER``. FLOPs of exact
+attention: 4 * B * Hq * N^2 * D (halved when causal), forward.
 
     python benchmarks/bench_attention.py --out $OUT/bench.json [--lengths 8192 32768]
     python benchmarks/bench_attention.py --table bench.json   # print the tables again
@@ -48,11 +48,20 @@ IMPLS = {
     "select_last0": {"select_last": 0},
     "select_rows4": {"select_rows": 4},
     "select_rows16": {"select_rows": 16},
+    "select_c1": {"select_coarse": 1},
+    "select_c4": {"select_coarse": 4},
+    "select_c8": {"select_coarse": 8},
+    "select_c16": {"select_coarse": 16},
+    "select_c32": {"select_coarse": 32},
+    "select_c8_r2": {"select_coarse": 8, "select_candidates": 2},
+    "select_c16_r2": {"select_coarse": 16, "select_candidates": 2},
+    "select_c16_r8": {"select_coarse": 16, "select_candidates": 8},
     "longformer": LONGFORMER,
     "paper": "PAPER",
 }
 FWD_BWD = ("sdpa", "shipped", "default", "default_recompute", "default_compiled", "longformer",
-           "flex_longformer", "select_m90", "select_m95_k40", "select_bound")  # fmt: skip
+           "flex_longformer", "select_m90", "select_m95_k40", "select_bound", "select_c1",
+           "select_c8", "select_c16")  # fmt: skip
 
 
 def _params(spec):
@@ -106,9 +115,13 @@ def implementations(setting: dict, causal: bool, names):
         fns["default_compiled"] = torch.compile(
             attention, backend=hyperpass.backend(min_len=1), dynamic=False
         )
-    if "selection" in names:
-        scale = setting["dim"] ** -0.5
-        fns["selection"] = lambda q, k, v: select_block_lists(q, k, scale, DEFAULT, causal)
+    for name in names:  # the block selection alone: ``selection`` or ``selection_<impl>``
+        if name == "selection" or name.startswith("selection_"):
+            spec = IMPLS.get(name.removeprefix("selection_"), {})
+            cfg = DEFAULT.replace(**_params(spec))
+            fns[name] = lambda q, k, v, cfg=cfg: select_block_lists(
+                q, k, q.shape[-1] ** -0.5, cfg, causal
+            )
     if "flex_longformer" in names:
         flex = torch.compile(flex_attention, dynamic=True)
         window, sinks = LONGFORMER["window"], LONGFORMER["sinks"]

@@ -82,6 +82,17 @@ for _name in ("select_w512_k8", "select_w512_k12", "select_w512_k16", "select_w5
 for _last in (0, 16):
     BASE[f"select_w512_k8_l{_last}"] = {**BASE["select_w512_k8"], "select_last": _last}
 
+# coarse tiles (select_coarse): every block ranked by select_rows rows per select_coarse tiles,
+# select_candidates x select_topk candidates kept for the tiles' own rows; c1: every tile
+# ranks every block
+for _name in ("select_w512_k8", "select_w512_k12", "select_w512_k16", "select_w512_m95_k40"):
+    BASE[f"{_name}_c1"] = {**BASE[_name], "select_coarse": 1}
+    for _coarse in (4, 8, 16):
+        for _keep in (2, 4, 8):
+            BASE[f"{_name}_c{_coarse}_r{_keep}"] = {
+                **BASE[_name], "select_coarse": _coarse, "select_candidates": _keep
+            }  # fmt: skip
+
 
 def names() -> list[str]:
     return list(BASE)

@@ -79,6 +79,19 @@ class HyperConfig:
         "method='select', causal: fewest blocks the last query tile selects (a prompt's end, "
         "whose rows predict the first generated tokens; 0: as every tile)",
     )  # fmt: skip
+    select_coarse: int = _param(
+        1, 1, 1024,
+        "method='select', select_score='rows': query tiles per coarse tile. A coarse tile ranks "
+        "the blocks before its tiles' local spans by select_rows rows spread over it and keeps "
+        "select_candidates x select_topk of them; its tiles rank only those and the blocks "
+        "between, each by its own rows (a causal call's last coarse tile ranks every block). "
+        "1: every tile ranks every block",
+    )  # fmt: skip
+    select_candidates: int = _param(
+        4, 1, 4096,
+        "method='select', select_coarse > 1: blocks a coarse tile keeps per block a tile "
+        "selects (select_candidates x select_topk candidates)",
+    )  # fmt: skip
     causal_algo: str = _param(
         "recursive",
         None,

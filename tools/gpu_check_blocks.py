@@ -178,6 +178,12 @@ def cases(quick: bool):
         yield select_case, (1, 8, 2, n_small, 128, True, {}, True, False, 32, path)
         yield select_case, (1, 12, 12, n_small, 64, False, {}, True, False, None, path)
     yield select_case, (2, 4, 2, n_small, 64, True, {}, True, True, 32, "planned")
+    # coarse tiles that prune (one candidate per selected block at this length)
+    coarse = {"select_coarse": 4, "select_candidates": 1}
+    yield select_case, (1, 8, 2, n_small, 128, True, coarse)
+    yield select_case, (1, 4, 4, n_small, 64, False, {**coarse, "select_coarse": 2})
+    yield select_case, (1, 4, 1, n_small, 256, True, {**coarse, "select_coarse": 8})
+    yield select_case, (2, 4, 2, n_small, 64, True, coarse, True, True, 32, "planned")
     yield pattern_case, (1, 4, 2, n_small, 64, True, {"method": "longformer", "window": 1024})
     yield pattern_case, (1, 2, 2, n_small, 128, False, {"method": "dilated", "window": 512,
                                                         "dilation": 2})  # fmt: skip
@@ -186,6 +192,7 @@ def cases(quick: bool):
     yield select_case, (1, 12, 12, n_big, 64, True, {})
     yield select_case, (2, 8, 2, n_big, 128, True, {"select_block": 128})
     yield select_case, (1, 4, 1, n_big, 256, True, {})  # Gemma 3's head dim
+    yield select_case, (1, 8, 2, n_big, 128, True, {"select_coarse": 16, "select_candidates": 2})
     yield pattern_case, (1, 8, 2, n_big, 128, True, {"method": "longformer", "window": 2048})
 
 
@@ -193,9 +200,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--only", default=None, help="cases whose arguments contain this text")
     args = parser.parse_args()
     rows, failed = [], 0
     for fn, case in cases(args.quick):
+        if args.only and args.only not in repr(case):
+            continue
         start = time.time()
         try:
             row = fn(*case)

@@ -7,7 +7,10 @@ Same semantics as :mod:`hyperpass.reference.select` (the oracle): per query tile
    reduced to each block's log mass relative to the tile's local mass, one program per group
    of tiles and query heads (each key load serves all their rows); with ``"bound"`` the bounds
    from the per-block key maxima/minima and the tile's row-group means (``_reps_kernel``; two
-   dots per step of key blocks, in the selection kernel);
+   dots per step of key blocks, in the selection kernel). With coarse tiles
+   (``select_coarse``, where they prune: ``coarse_prunes``) the same two kernels first rank
+   each coarse tile's candidates (``_coarse_candidates``), and the tiles' rows score only
+   those and the blocks near them;
 2. finds how many blocks to keep (``select_topk``, or with ``select_mass`` the fewest buckets
    whose estimated mass reaches the target) and the bucket where the cut falls (buckets of
    ``BUCKET_WIDTH`` below the best candidate);
@@ -15,10 +18,11 @@ Same semantics as :mod:`hyperpass.reference.select` (the oracle): per query tile
    *full* blocks (sinks outside the window, the selected blocks, window blocks wholly in the
    past) and the *partial* ones (window blocks on the causal diagonal), each with its count.
 
-So the selection is two launches (rows: the scores, then this kernel) or three (bound: key-block
-extremes, row-group means, this kernel), no sort and no top-k; the cut is found by bisection
-over the buckets, one pass over the scratch row per step. The query heads of one KV head are
-ranked in one program.
+So the selection is two launches (rows: the scores, then this kernel; with coarse tiles five:
+their scores and candidates, a fill, the tiles' scores, this kernel) or three (bound:
+key-block extremes, row-group means, this kernel), no sort and no top-k; the cut is found by
+bisection over the buckets, one pass over the scratch row per step. The query heads of one KV
+head are ranked in one program.
 """
 
 from __future__ import annotations
@@ -222,21 +226,31 @@ def _store_scores(SCORES, row_base, pair_ok, share, row_ok, j, n_keys, KB: tl.co
 
 @triton.jit
 def _row_scores_kernel(
-    Q, K, SCORES, scale,
+    Q, K, SCORES, CAND_NUM, CAND_IDX, scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    q_heads, kv_heads, n_queries, n_keys, n_kb, n_tiles, window, n_sinks,
+    q_heads, kv_heads, n_queries, n_keys, n_kb, n_tiles, window, n_sinks, cand_width,
     GROUP: tl.constexpr, HG: tl.constexpr, HGP: tl.constexpr, TG: tl.constexpr,
     S: tl.constexpr, SP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     QB: tl.constexpr, KB: tl.constexpr, KC: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, COARSE: tl.constexpr,
 ):  # fmt: skip
     """``select_score="rows"`` (``hyperpass.reference.select.row_scores``) for ``TG`` tiles
     from ``t0`` and the ``HG`` query heads ``h0 ..``, ``S`` rows each: every block the tiles
     visit gets each (tile, head)'s score in the scratch rows the selection kernel ranks. The
-    rows of several tiles share each load of a key block (one dot for all of them)."""
+    rows of several tiles share each load of a key block (one dot for all of them).
+
+    ``COARSE`` = c > 1 (``select_coarse``; one head, the ``TG`` tiles inside one coarse tile):
+    only the blocks the tiles may rank (``reference.select.coarse_candidates``): the sinks,
+    the coarse tile's candidates (``CAND_IDX``: ``CAND_NUM`` ascending ids per head and coarse
+    tile) and the blocks from the coarse tile's local span on; a causal call's last coarse
+    tile, every block."""
     # the last tiles first: causal, they visit the most blocks (the longest programs start early)
-    t0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * TG
-    pid = tl.program_id(1)
+    if COARSE > 1:  # heads fastest: a coarse tile's heads share its local span's keys in L2
+        t0 = (tl.num_programs(1) - 1 - tl.program_id(1)) * TG
+        pid = tl.program_id(0)
+    else:
+        t0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * TG
+        pid = tl.program_id(1)
     chunks = GROUP // HG
     b = pid // (kv_heads * chunks)
     hkv = (pid // chunks) % kv_heads
@@ -286,11 +300,38 @@ def _row_scores_kernel(
     if CAUSAL:
         unmasked = tl.minimum(unmasked, (tl.minimum(t0 * QB, n_queries - 1) + 1) // KB)
     unmasked = tl.minimum(unmasked, n_visit)
-    for j in range(0, unmasked):
+    near = 0  # the first block every tile scores (COARSE: the coarse tile's local span)
+    if COARSE > 1:
+        ct = t0 // COARSE
+        n_coarse = tl.cdiv(n_tiles, COARSE)
+        lo_c, _h, _v1 = _tile_span(ct * COARSE, n_queries, n_keys, n_kb, window, QB, KB, CAUSAL)
+        _l, hi_c, _v2 = _tile_span(tl.minimum(ct * COARSE + COARSE - 1, n_tiles - 1), n_queries,
+                                   n_keys, n_kb, window, QB, KB, CAUSAL)  # fmt: skip
+        near = lo_c // KB
+        if not CAUSAL:
+            n_visit = tl.cdiv(hi_c, KB)
+        if CAUSAL:  # the prompt's end ranks every block
+            every = ct == n_coarse - 1
+        else:
+            every = ct < 0
+        head_end = tl.where(every, near, tl.minimum(sink_blk, near))
+        for j in range(0, head_end):  # the sinks (or every block before the local span)
+            share = _block_share(x, k_base, stride_kn, j, rows, norm2, n_keys, D, BLOCK_D, KB,
+                                 KC, not CAUSAL, CAUSAL, PRECISION)  # fmt: skip
+            _store_scores(SCORES, row_base, pair_ok, share, row_ok, j, n_keys, KB, TG * HGP, SP)
+        cand_row = (b * q_heads + h0).to(tl.int64) * n_coarse + ct
+        n_cand = tl.load(CAND_NUM + cand_row, mask=~every, other=0)
+        for e in range(0, n_cand):
+            j = tl.load(CAND_IDX + cand_row * cand_width + e)
+            share = _block_share(x, k_base, stride_kn, j, rows, norm2, n_keys, D, BLOCK_D, KB,
+                                 KC, not CAUSAL, CAUSAL, PRECISION)  # fmt: skip
+            _store_scores(SCORES, row_base, pair_ok, share, row_ok, j, n_keys, KB, TG * HGP, SP)
+    mid = tl.minimum(tl.maximum(unmasked, near), n_visit)
+    for j in range(near, mid):
         share = _block_share(x, k_base, stride_kn, j, rows, norm2, n_keys, D, BLOCK_D, KB, KC,
                              False, CAUSAL, PRECISION)  # fmt: skip
         _store_scores(SCORES, row_base, pair_ok, share, row_ok, j, n_keys, KB, TG * HGP, SP)
-    for j in range(unmasked, n_visit):
+    for j in range(mid, n_visit):
         share = _block_share(x, k_base, stride_kn, j, rows, norm2, n_keys, D, BLOCK_D, KB, KC,
                              True, CAUSAL, PRECISION)  # fmt: skip
         _store_scores(SCORES, row_base, pair_ok, share, row_ok, j, n_keys, KB, TG * HGP, SP)
@@ -312,11 +353,13 @@ def _select_kernel(
     QB: tl.constexpr, KB: tl.constexpr, GROUPS: tl.constexpr, RP: tl.constexpr,
     KEY_TILE: tl.constexpr, NB: tl.constexpr, LOG_NB: tl.constexpr, WIDTH: tl.constexpr,
     CAUSAL: tl.constexpr, ADAPTIVE: tl.constexpr, PRECISION: tl.constexpr,
-    PRECOMPUTED: tl.constexpr,
+    PRECOMPUTED: tl.constexpr, LISTS: tl.constexpr,
 ):  # fmt: skip
     """Tile ``t`` of the ``HG`` query heads ``h0 ..`` (one KV head's): scores, budget, lists.
     ``PRECOMPUTED``: the scores are in ``SCORES`` already (``_row_scores_kernel``); else the
-    bounds are computed here from ``REPS``, ``KMAX`` and ``KMIN``.
+    bounds are computed here from ``REPS``, ``KMAX`` and ``KMIN``. ``LISTS``: FlexAttention's
+    lists; else only the chosen candidates, ascending, into ``FULL_IDX`` / ``FULL_NUM`` (a
+    coarse tile's candidates, ``select_coarse``).
     With ``copies`` > 0 a full sink block ``s`` is written as its copy ``copy_base + (t %
     copies) * sink_blocks + s`` (``select_block_lists``)."""
     t = tl.program_id(0)
@@ -505,19 +548,23 @@ def _select_kernel(
         seen_in_cut += tl.sum(in_cut.to(tl.int32), axis=1)
         local = local & ok
         fixed_full = (((sink & ok) & ~local) | (local & past))[None, :]
-        full = chosen | fixed_full
+        full = chosen
+        if LISTS:
+            full = full | fixed_full
         at = n_full[:, None] + tl.cumsum(full.to(tl.int32), axis=1) - 1
         ids = tl.where((copies > 0) & (js < sink_blocks), copy_of + js, js)
         tl.store(full_base[:, None] + at, ids[None, :] + tl.zeros([HG, KEY_TILE], tl.int32),
                  mask=full)  # fmt: skip
         n_full += tl.sum(full.to(tl.int32), axis=1)
-        partial = local & ~past  # the same for every head
-        at_p = n_part + tl.cumsum(partial.to(tl.int32), axis=0) - 1
-        tl.store(part_base[:, None] + at_p[None, :], js[None, :] + tl.zeros([HG, KEY_TILE],
-                 tl.int32), mask=partial[None, :] & (hs >= 0)[:, None])  # fmt: skip
-        n_part += tl.sum(partial.to(tl.int32), axis=0)
+        if LISTS:
+            partial = local & ~past  # the same for every head
+            at_p = n_part + tl.cumsum(partial.to(tl.int32), axis=0) - 1
+            tl.store(part_base[:, None] + at_p[None, :], js[None, :] + tl.zeros([HG, KEY_TILE],
+                     tl.int32), mask=partial[None, :] & (hs >= 0)[:, None])  # fmt: skip
+            n_part += tl.sum(partial.to(tl.int32), axis=0)
     tl.store(FULL_NUM + list_row, n_full)
-    tl.store(PART_NUM + list_row, tl.zeros([HG], tl.int32) + n_part)
+    if LISTS:
+        tl.store(PART_NUM + list_row, tl.zeros([HG], tl.int32) + n_part)
 
 
 def _program_rows(group: int, groups: int) -> tuple[int, int]:
@@ -558,7 +605,7 @@ def select_block_lists(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: Hype
     scores = torch.empty(batch, q_heads, n_tiles, n_kb, dtype=torch.float32, device=dev)
     precomputed = cfg.select_score == "rows"
     if precomputed:
-        _row_scores(q, k, scores, scale, cfg, causal, window, precision)
+        _rank_by_rows(q, k, scores, scale, cfg, causal, window, precision)
         reps = kmax = kmin = scores  # not read
     else:
         kmax, kmin = key_block_extremes(k, kb)
@@ -595,42 +642,113 @@ def select_block_lists(q: torch.Tensor, k: torch.Tensor, scale: float, cfg: Hype
         GROUP=group, HG=hg, D=dim, BLOCK_D=next_pow2(dim), QB=qb, KB=kb, GROUPS=groups, RP=rp,
         KEY_TILE=_KEY_TILE, NB=N_BUCKETS, LOG_NB=N_BUCKETS.bit_length() - 1, WIDTH=BUCKET_WIDTH,
         CAUSAL=causal, ADAPTIVE=cfg.select_mass > 0, PRECISION=precision,
-        PRECOMPUTED=precomputed, num_warps=4,
+        PRECOMPUTED=precomputed, LISTS=True, num_warps=4,
     )  # fmt: skip
     return part_num, part_idx, full_num, full_idx
 
 
+def _rank_by_rows(q, k, scores, scale, cfg: HyperConfig, causal: bool, window: int,
+                  precision: str) -> None:  # fmt: skip
+    """``select_score="rows"``: the scores the selection ranks, into ``scores`` (filled with
+    -inf first where coarse tiles leave blocks unranked: ``select_coarse``)."""
+    if not coarse_prunes(q.shape[-2], k.shape[-2], cfg, causal):
+        _row_scores(q, k, scores, scale, cfg, causal, window, precision)
+        return
+    candidates = _coarse_candidates(q, k, scale, cfg, causal, precision)
+    scores.fill_(float("-inf"))
+    _row_scores(q, k, scores, scale, cfg, causal, window, precision, candidates=candidates)
+
+
+def _coarse_geometry(cfg: HyperConfig, nq: int, nk: int) -> tuple[int, int]:
+    """(query tile, window) of the coarse tiles: ``reference.select.tile_geometry``'s."""
+    qb = cfg.select_coarse * cfg.query_block
+    return qb, min(cfg.window + qb - cfg.query_block, nq + nk + qb)
+
+
+def coarse_prunes(nq: int, nk: int, cfg: HyperConfig, causal: bool) -> bool:
+    """Whether coarse tiles (``select_coarse``) can change what a tile ranks: a coarse tile
+    that ranks by candidates has more candidate blocks than it keeps. Where none does, every
+    tile ranking every block gives the same scores, at less cost."""
+    if cfg.select_coarse == 1 or cfg.select_score != "rows":
+        return False
+    kb = cfg.select_block
+    n_kb, keep = cdiv(nk, kb), cfg.select_candidates * cfg.select_topk
+    sink_blk = cdiv(min(cfg.sinks, nk), kb)
+    if not causal:  # at most every block but the sinks
+        return n_kb - sink_blk > keep
+    qb, window = _coarse_geometry(cfg, nq, nk)
+    n_coarse = cdiv(nq, qb)
+    if n_coarse < 2:  # the last coarse tile ranks every block
+        return False
+    lo_block = max((n_coarse - 2) * qb + qb - window, 0) // kb  # the latest with candidates
+    return lo_block - min(sink_blk, lo_block) > keep
+
+
+def _coarse_candidates(q, k, scale, cfg: HyperConfig, causal: bool, precision: str):
+    """(counts [B, Hq, n_coarse] int32, ascending ids [B, Hq, n_coarse, width], width): the
+    blocks each coarse tile keeps (``reference.select.coarse_candidates``): its row scores,
+    then the selection kernel's ranking with ``select_candidates * select_topk`` blocks."""
+    batch, q_heads, nq, dim = q.shape
+    kv_heads, nk = k.shape[1], k.shape[2]
+    kb, group = cfg.select_block, q_heads // kv_heads
+    qb, window = _coarse_geometry(cfg, nq, nk)
+    n_coarse, n_kb = cdiv(nq, qb), cdiv(nk, kb)
+    width = min(cfg.select_candidates * cfg.select_topk, n_kb)
+    scores = torch.empty(batch, q_heads, n_coarse, n_kb, dtype=torch.float32, device=q.device)
+    _row_scores(q, k, scores, scale, cfg, causal, window, precision, query_block=qb)
+    counts = torch.empty(batch, q_heads, n_coarse, dtype=torch.int32, device=q.device)
+    ids = torch.empty(batch, q_heads, n_coarse, width, dtype=torch.int32, device=q.device)
+    hg, rp = _program_rows(group, cfg.query_groups)
+    _select_kernel[(n_coarse, batch * kv_heads * (group // hg))](
+        scores, scores, scores, scores, counts, ids, counts, ids, 0.0,
+        q_heads, kv_heads, nq, nk, n_kb, n_coarse, window, cfg.sinks, width, 0, 0,
+        (2 * n_kb).bit_length(), width, n_kb, 0, 0,
+        GROUP=group, HG=hg, D=dim, BLOCK_D=next_pow2(dim), QB=qb, KB=kb,
+        GROUPS=cfg.query_groups, RP=rp, KEY_TILE=_KEY_TILE, NB=N_BUCKETS,
+        LOG_NB=N_BUCKETS.bit_length() - 1, WIDTH=BUCKET_WIDTH, CAUSAL=causal, ADAPTIVE=False,
+        PRECISION=precision, PRECOMPUTED=True, LISTS=False, num_warps=4,
+    )  # fmt: skip
+    return counts, ids, width
+
+
 def _row_scores(q, k, scores, scale, cfg: HyperConfig, causal: bool, window: int,
                 precision: str, target: int | None = None, num_warps: int | None = None,
-                num_stages: int | None = None) -> None:  # fmt: skip
+                num_stages: int | None = None, *, query_block: int | None = None,
+                candidates: tuple | None = None) -> None:  # fmt: skip
     """``select_score="rows"``: each tile's block scores into ``scores`` [B, Hq, n_tiles,
     n_blocks] (the blocks a causal tile cannot see are left unset, as the bounds leave them).
-    ``target`` (rows per program), ``num_warps`` and ``num_stages``: launch overrides for
+    ``query_block``: tiles of another height (coarse tiles); ``candidates``: a coarse tile's
+    (``_coarse_candidates``), the only far blocks its tiles score. ``target`` (rows per
+    program), ``num_warps`` and ``num_stages``: launch overrides for
     ``tools/profile_row_scores.py``."""
     batch, q_heads, nq, dim = q.shape
     kv_heads, nk = k.shape[1], k.shape[2]
-    qb, kb, rows = cfg.query_block, cfg.select_block, cfg.select_rows
+    qb, kb, rows = query_block or cfg.query_block, cfg.select_block, cfg.select_rows
     group, n_tiles = q_heads // kv_heads, cdiv(nq, qb)
     rows_pad = next_pow2(rows)
+    coarse = 1 if candidates is None else cfg.select_coarse
     heads = 1  # query heads of one KV head per program: a power of two, up to 64 rows
-    while group % (2 * heads) == 0 and 2 * heads * rows_pad <= 64:
-        heads *= 2
+    while coarse == 1 and group % (2 * heads) == 0 and 2 * heads * rows_pad <= 64:
+        heads *= 2  # (coarse tiles keep their candidates per head)
     # rows per program (each key load serves them all), warps and stages: the fastest of 3 x 2
     # x 3 on an H200 at 32k-128k (tools/profile_row_scores.py, docs/performance.md)
     if target is None:
         target = 128 if 64 < dim <= 128 else 64
     if num_stages is None:
         num_stages = 3 if dim <= 64 else 2
-    tiles = 1
-    while 2 * tiles * heads * rows_pad <= target and tiles < next_pow2(n_tiles):
+    tiles = 1  # a program's tiles lie in one coarse tile
+    while (2 * tiles * heads * rows_pad <= target and tiles < next_pow2(n_tiles)
+           and (coarse == 1 or coarse % (2 * tiles) == 0)):  # fmt: skip
         tiles *= 2
     heads_pad = max(heads, next_pow2(cdiv(16, tiles * rows_pad)))  # a dot's smallest height
-    _row_scores_kernel[(cdiv(n_tiles, tiles), batch * kv_heads * (group // heads))](
-        q, k, scores, float(scale), *q.stride()[:3], *k.stride()[:3],
-        q_heads, kv_heads, nq, nk, cdiv(nk, kb), n_tiles, window, cfg.sinks,
+    cand_num, cand_idx, width = (scores, scores, 0) if candidates is None else candidates
+    grid = (cdiv(n_tiles, tiles), batch * kv_heads * (group // heads))
+    _row_scores_kernel[grid if coarse == 1 else grid[::-1]](
+        q, k, scores, cand_num, cand_idx, float(scale), *q.stride()[:3], *k.stride()[:3],
+        q_heads, kv_heads, nq, nk, cdiv(nk, kb), n_tiles, window, cfg.sinks, width,
         GROUP=group, HG=heads, HGP=heads_pad, TG=tiles, S=rows, SP=rows_pad, D=dim,
         BLOCK_D=next_pow2(dim), QB=qb, KB=kb, KC=min(kb & -kb, 128), CAUSAL=causal,
-        PRECISION=precision,
+        PRECISION=precision, COARSE=coarse,
         num_warps=num_warps or 4,
         num_stages=num_stages,
     )  # fmt: skip

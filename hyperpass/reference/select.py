@@ -44,6 +44,11 @@ of two at the same distance), which a GPU kernel computes exactly the same way w
 chosen blocks over the past instead of piling every tile's ties onto the first blocks, which
 FlexAttention's backward would read from hundreds of tiles in one program.
 
+Coarse tiles (``select_coarse`` = c > 1, ``"rows"`` only): each group of c tiles first ranks
+its candidates (outside its tiles' joint local span) by ``select_rows`` rows spread over it and
+keeps ``select_candidates * select_topk``; its tiles rank only those and the blocks between
+(``coarse_candidates``); a causal call's last coarse tile ranks every block.
+
 Layout as in ``hyperpass.reference.hyper``: q [B, Hkv, G, Nq, D] (pre-scaled), k [B, Hkv, Nk, D],
 v [B, Hkv, Nk, Dv]. Must not import the kernels.
 """
@@ -88,14 +93,19 @@ class TileGeometry:
         return math.ceil(self.nk / self.kb)
 
 
-def tile_geometry(nq: int, nk: int, cfg: HyperConfig, causal: bool, device) -> TileGeometry:
-    qb, kb = cfg.query_block, cfg.select_block
+def tile_geometry(nq: int, nk: int, cfg: HyperConfig, causal: bool, device,
+                  coarse: int = 1) -> TileGeometry:  # fmt: skip
+    """The query tiles of ``cfg``, or with ``coarse`` = c its coarse tiles: c tiles each, whose
+    local span runs from the first tile's ``lo`` to the last tile's ``hi`` (the window grown
+    by the c - 1 tiles between)."""
+    qb, kb = coarse * cfg.query_block, cfg.select_block
+    window = cfg.window + (coarse - 1) * cfg.query_block
     starts = torch.arange(math.ceil(nq / qb), device=device) * qb
-    lo = ((starts + qb - cfg.window).clamp(min=0) // kb) * kb
+    lo = ((starts + qb - window).clamp(min=0) // kb) * kb
     if causal:
         hi = (starts + qb).clamp(max=nq).clamp(max=nk)
     else:
-        hi = (torch.div(starts + cfg.window + kb - 1, kb, rounding_mode="floor") * kb).clamp(max=nk)
+        hi = (torch.div(starts + window + kb - 1, kb, rounding_mode="floor") * kb).clamp(max=nk)
     return TileGeometry(nq, nk, qb, kb, causal, lo, hi)
 
 
@@ -195,12 +205,7 @@ def representatives(q: Tensor, geo: TileGeometry, groups: int) -> tuple[Tensor, 
 def choose_blocks(scores: Tensor, fixed: Tensor, candidate: Tensor, geo: TileGeometry,
                   cfg: HyperConfig) -> Tensor:  # fmt: skip
     """[B, Hkv, G, n_tiles, n_blocks] bool: the blocks each tile attends to (fixed + chosen)."""
-    neg = float("-inf")
-    cand_scores = scores.masked_fill(~candidate, neg)
-    best = cand_scores.amax(-1, keepdim=True)  # -inf: no candidate
-    safe_best = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
-    bucket = ((safe_best - cand_scores) / BUCKET_WIDTH).floor().clamp(0, N_BUCKETS - 1)
-    bucket = torch.where(candidate, bucket, torch.full_like(bucket, N_BUCKETS))  # not ranked
+    bucket = _buckets(scores, candidate)
     n_candidates = candidate.sum(-1)
     budget = torch.full_like(n_candidates, cfg.select_topk).expand(*scores.shape[:-1])
     if cfg.select_mass > 0:
@@ -208,12 +213,24 @@ def choose_blocks(scores: Tensor, fixed: Tensor, candidate: Tensor, geo: TileGeo
     if geo.causal and cfg.select_last:  # the prompt's end: generation reads its rows first
         budget = budget.clone()
         budget[..., -1] = budget[..., -1].clamp(min=cfg.select_last)
-    budget = torch.minimum(budget, n_candidates)
-    # rank: bucket first, distance to the local span second; the first ``budget`` are chosen
+    return _best_ranked(bucket, candidate, geo, torch.minimum(budget, n_candidates)) | fixed
+
+
+def _buckets(scores: Tensor, candidate: Tensor) -> Tensor:
+    """Each candidate's ranking bucket below its tile's best candidate (N_BUCKETS: not one)."""
+    cand_scores = scores.masked_fill(~candidate, float("-inf"))
+    best = cand_scores.amax(-1, keepdim=True)  # -inf: no candidate
+    safe_best = torch.where(torch.isfinite(best), best, torch.zeros_like(best))
+    bucket = ((safe_best - cand_scores) / BUCKET_WIDTH).floor().clamp(0, N_BUCKETS - 1)
+    return torch.where(candidate, bucket, torch.full_like(bucket, N_BUCKETS))
+
+
+def _best_ranked(bucket: Tensor, candidate: Tensor, geo: TileGeometry, budget: Tensor) -> Tensor:
+    """The first ``budget`` candidates of each tile, ranked by bucket, then by distance to the
+    local span (``tie_order``)."""
     order_key = bucket * (2 * geo.n_blocks) + tie_order(geo)
     rank = order_key.argsort(-1).argsort(-1)
-    chosen = candidate & (rank < budget[..., None])
-    return chosen | fixed
+    return candidate & (rank < budget[..., None])
 
 
 def tie_order(geo: TileGeometry) -> Tensor:
@@ -252,6 +269,27 @@ def _mass_budget(scores, fixed, candidate, bucket, geo: TileGeometry, cfg: Hyper
     return need.long().clamp(min=cfg.select_min, max=cfg.select_topk)
 
 
+def coarse_candidates(q: Tensor, k: Tensor, cfg: HyperConfig, causal: bool,
+                      rep_dtype: torch.dtype | None = None) -> Tensor:  # fmt: skip
+    """[B, Hkv, G, n_tiles, n_blocks] bool: the blocks each tile may rank with
+    ``select_coarse`` = c > 1. Each coarse tile (``tile_geometry(..., coarse=c)``) scores its
+    candidates (the blocks outside its local span and the sinks) by ``select_rows`` rows spread
+    over it, as ``row_scores`` scores a tile's, and keeps the ``select_candidates *
+    select_topk`` best, ranked as ``choose_blocks`` ranks. Its tiles may rank those and every
+    block that is not its candidate (the blocks between the coarse and the tile's local span);
+    a causal call's last coarse tile keeps every block."""
+    coarse = tile_geometry(q.shape[-2], k.shape[-2], cfg, causal, q.device, cfg.select_coarse)
+    fixed, far = block_kinds(coarse, cfg.sinks)
+    scores = row_scores(q, k, coarse, cfg.select_rows, fixed, rep_dtype)
+    keep = torch.clamp(far.sum(-1), max=cfg.select_candidates * cfg.select_topk)
+    allowed = _best_ranked(_buckets(scores, far), far, coarse, keep.expand(scores.shape[:-1]))
+    allowed = allowed | ~far
+    if causal:
+        allowed[..., -1, :] = True
+    n_tiles = math.ceil(q.shape[-2] / cfg.query_block)
+    return allowed.repeat_interleave(cfg.select_coarse, dim=-2)[..., :n_tiles, :]
+
+
 def select_block_mask(q: Tensor, k: Tensor, cfg: HyperConfig, causal: bool,
                       rep_dtype: torch.dtype | None = None) -> Tensor:  # fmt: skip
     """[B, Hkv, G, n_tiles, n_blocks] bool: the key blocks each query tile attends to."""
@@ -260,6 +298,9 @@ def select_block_mask(q: Tensor, k: Tensor, cfg: HyperConfig, causal: bool,
     with torch.no_grad():  # a discrete choice: nothing to differentiate
         if cfg.select_score == "rows":
             scores = row_scores(q, k, geo, cfg.select_rows, fixed, rep_dtype)
+            if cfg.select_coarse > 1:
+                allowed = coarse_candidates(q, k, cfg, causal, rep_dtype)
+                scores = scores.masked_fill(~allowed, float("-inf"))
         else:
             scores = block_scores(q, k, geo, cfg.query_groups, rep_dtype)
         return choose_blocks(scores, fixed, candidate, geo, cfg)

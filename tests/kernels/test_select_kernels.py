@@ -14,7 +14,11 @@ import torch
 
 from hyperpass import kernels
 from hyperpass.config import HyperConfig
-from hyperpass.kernels.select_blocks import key_block_extremes, select_block_lists
+from hyperpass.kernels.select_blocks import (
+    coarse_prunes,
+    key_block_extremes,
+    select_block_lists,
+)
 from hyperpass.reference import hyper_attention_reference
 from hyperpass.reference.select import select_block_mask
 from tests.kernels.harness import close, inputs
@@ -49,9 +53,15 @@ CASES = [
     (dict(select_mass=1.0, select_topk=16, sinks=5), (1, 1, 1, 190, 120, 32)),
     (dict(select_last=5), (1, 2, 1, 301, 301, 64)),
     (dict(select_mass=0.7, select_min=1, select_topk=6, select_last=4), (1, 2, 1, 330, 330, 64)),
-]
+    (dict(select_coarse=4, select_candidates=1, sinks=40), (1, 3, 1, 417, 417, 64)),
+    (dict(select_coarse=3, select_candidates=2, select_block=16, select_topk=2),
+     (2, 2, 1, 350, 350, 128)),
+    (dict(select_coarse=2, select_candidates=1, select_mass=0.7, select_min=1, select_topk=4,
+          select_last=4), (1, 2, 1, 330, 330, 64)),
+]  # fmt: skip
 IDS = ["gqa3", "sinks40", "qb64-batch2-odd", "kb16-d128", "adaptive", "adaptive-all-nq190-nk120",
-       "last5", "adaptive-last4"]  # fmt: skip
+       "last5", "adaptive-last4", "coarse4-gqa3-sinks-odd", "coarse3-kb16-d128-batch2",
+       "coarse2-adaptive-last4"]  # fmt: skip
 
 
 @pytest.mark.parametrize("score", ["rows", "bound"])
@@ -69,6 +79,10 @@ def test_block_lists_equal_the_reference_selection(params, shape, causal, score)
     scaled = (q * scale).view(batch, kv_heads, q_heads // kv_heads, nq, dim)
     want = select_block_mask(scaled, k, cfg, causal, rep_dtype=torch.float32)
     assert torch.equal(got, want.reshape(got.shape))
+    if cfg.select_coarse > 1 and score == "rows":  # the coarse tiles change the choice
+        assert coarse_prunes(nq, nk, cfg, causal)
+        full = select_block_mask(scaled, k, cfg.replace(select_coarse=1), causal, torch.float32)
+        assert not torch.equal(want, full)
     if causal:  # partial blocks (causal mask applied) are only those on the diagonal
         assert (lists[0] <= cfg.query_block // cfg.select_block + 1).all()
     else:

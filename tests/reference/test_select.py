@@ -20,9 +20,11 @@ def qkv(batch, hq, hkv, n, dim, seed=0, dtype=torch.float32):
     return [torch.randn(batch, h, n, dim, generator=gen, dtype=dtype) for h in (hq, hkv, hkv)]
 
 
-def _tile_blocks(q_tile, keys, cfg: HyperConfig, s: int, n: int, causal: bool) -> set[int]:
+def _tile_blocks(q_tile, keys, cfg: HyperConfig, s: int, n: int, causal: bool,
+                 allowed: set[int] | None = None) -> set[int]:  # fmt: skip
     """The key blocks of the tile starting at ``s`` (q_tile: its scaled rows), by the docstring
-    of hyperpass.reference.select, one block at a time."""
+    of hyperpass.reference.select, one block at a time; ``allowed``: the only candidates the
+    tile may rank (its coarse tile's, ``_coarse_allowed``)."""
     qb, kb = cfg.query_block, cfg.select_block
     n_kb = math.ceil(n / kb)
     lo = (max(s + qb - cfg.window, 0) // kb) * kb
@@ -62,10 +64,13 @@ def _tile_blocks(q_tile, keys, cfg: HyperConfig, s: int, n: int, causal: bool) -
                 ratio = (keys_j[keys_j > -math.inf] - norm).clamp(-ROW_SHARE_CAP, ROW_SHARE_CAP)
                 share = torch.logsumexp(ratio, 0).item() - math.log(min((j + 1) * kb, n) - j * kb)
                 scores[j] = max(scores[j], share)
+    if allowed is not None:
+        scores = {j: (x if j in allowed else -math.inf) for j, x in scores.items()}
     budget = min(cfg.select_topk, len(candidates))
     if candidates:
         best = max(scores[j] for j in candidates)
-        bucket = {j: min(int((best - scores[j]) / BUCKET_WIDTH), N_BUCKETS - 1) for j in candidates}
+        best = 0.0 if best == -math.inf else best  # (unranked blocks: the last bucket)
+        bucket = {j: int(min((best - scores[j]) / BUCKET_WIDTH, N_BUCKETS - 1)) for j in candidates}
         if cfg.select_mass > 0:
             allowed = [*local, *sinks, *candidates]
             top = max(scores[j] for j in allowed)
@@ -94,18 +99,37 @@ def _tile_blocks(q_tile, keys, cfg: HyperConfig, s: int, n: int, causal: bool) -
     return local | sinks | chosen
 
 
+def _coarse_allowed(q_rows, keys, cfg: HyperConfig, s: int, n: int, causal: bool):
+    """The candidates a coarse tile starting at ``s`` (``q_rows``: its scaled rows) lets its
+    tiles rank: the blocks a tile of ``select_coarse`` tiles selects with a window grown by the
+    tiles between and ``select_candidates * select_topk`` blocks (its local span among them);
+    None (every block) with one tile per coarse tile, for a causal call's last, or with the
+    bound (which is cheap)."""
+    c, qb = cfg.select_coarse, cfg.query_block
+    if c == 1 or cfg.select_score != "rows" or (causal and s + c * qb >= n):
+        return None
+    coarse = cfg.replace(
+        query_block=c * qb, window=cfg.window + (c - 1) * qb, select_coarse=1, select_mass=0.0,
+        select_topk=cfg.select_candidates * cfg.select_topk, select_min=0, select_last=0,
+    )  # fmt: skip
+    return _tile_blocks(q_rows, keys, coarse, s, n, causal)
+
+
 def dense_select_mask(q, k, cfg: HyperConfig, causal: bool) -> torch.Tensor:
     """[B, Hq, N, N] keep-mask of the selection, with the causal mask on top."""
     batch, hq, n, dim = q.shape
     group = hq // k.shape[1]
     mask = torch.zeros(batch, hq, n, n, dtype=torch.bool)
     scaled = q / math.sqrt(dim)
+    span = cfg.select_coarse * cfg.query_block
     for b in range(batch):
         for h in range(hq):
             keys = k[b, h // group]
             for s in range(0, n, cfg.query_block):
                 e = min(s + cfg.query_block, n)
-                for j in _tile_blocks(scaled[b, h, s:e], keys, cfg, s, n, causal):
+                c0 = s // span * span  # the tile's coarse tile
+                allowed = _coarse_allowed(scaled[b, h, c0 : c0 + span], keys, cfg, c0, n, causal)
+                for j in _tile_blocks(scaled[b, h, s:e], keys, cfg, s, n, causal, allowed):
                     mask[b, h, s:e, j * cfg.select_block : (j + 1) * cfg.select_block] = True
     if causal:
         mask &= torch.ones(n, n, dtype=torch.bool).tril()
@@ -123,7 +147,12 @@ CASES = [
     pytest.param(1, 2, 2, 190, 16, {"select_mass": 1.0, "select_topk": 9}, id="adaptive-all"),
     pytest.param(1, 2, 1, 301, 16, {"select_last": 5}, id="last-tile-5"),
     pytest.param(1, 2, 1, 330, 16, {"select_mass": 0.6, "select_last": 4}, id="adaptive-last4"),
-]
+    pytest.param(1, 3, 1, 417, 16, {"select_coarse": 4, "select_candidates": 1}, id="coarse4"),
+    pytest.param(2, 4, 2, 300, 16, {"select_coarse": 3, "select_candidates": 2, "sinks": 40,
+                                    "select_topk": 2, "select_last": 4}, id="coarse3-sinks-last"),
+    pytest.param(1, 2, 1, 350, 16, {"select_coarse": 2, "select_candidates": 1,
+                                    "select_mass": 0.6, "select_min": 1}, id="coarse2-adaptive"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("score", ["rows", "bound"])
