@@ -460,23 +460,26 @@ def run(args) -> None:
                 print(f"  {name}: perplexity on {text}: {row[f'ppl_{text}']:.3f} "
                       f"({time.time() - t1:.0f} s)", flush=True)  # fmt: skip
             by_haystack: dict[str, dict[str, float]] = {}
-            for i, p in enumerate(passkeys):
+            for i, p in enumerate(passkeys if not args.no_passkey else ()):
                 scores = by_haystack.setdefault(p.get("haystack", "filler"), {})
                 score = passkey_generated if args.passkey_mode == "generate" else passkey_score
                 scores[str(p["depth"])] = score(model, p["ids"].to(device), p["answer_len"])
                 print(f"  {name}: passkey {i + 1}/{len(passkeys)} at depth {p['depth']}: "
                       f"{scores[str(p['depth'])]:.0%} ({time.time() - t1:.0f} s)",
                       flush=True)  # fmt: skip
-            first = next(iter(by_haystack))
-            row["passkey"] = by_haystack[first]  # the first haystack's, as the tables show it
-            row["passkey_mean"] = float(np.mean(list(row["passkey"].values())))
-            row["passkey_by_haystack"] = by_haystack
+            if by_haystack:
+                first = next(iter(by_haystack))
+                row["passkey"] = by_haystack[first]  # the first haystack's, as tables show it
+                row["passkey_mean"] = float(np.mean(list(row["passkey"].values())))
+                row["passkey_by_haystack"] = by_haystack
             if isinstance(report, hyperpass.integrations.patching.RoutingReport):
                 totals = report.totals()
                 row["calls_approximated"] = totals.approximated
                 row["calls_exact"] = dict(totals.exact)
                 # the layers approximated per forward (Gemma 3: its global layers only)
-                forwards = (0 if args.no_ppl else len(texts)) + len(passkeys)
+                forwards = (0 if args.no_ppl else len(texts)) + len(
+                    passkeys if not args.no_passkey else ()
+                )
                 row["layers"] = totals.approximated // forwards
         if captured is not None and params is not None:
             row.update(kernel_errors(captured, params))
@@ -525,10 +528,14 @@ def format_row(name: str, row: dict) -> str:
     def fmt(key, spec):
         return format(row[key], spec) if key in row else "-"
 
-    by_haystack = row.get("passkey_by_haystack", {"filler": row["passkey"]})
-    passkeys = " ".join(
-        f"{kind}={np.mean(list(s.values())):.0%} [{' '.join(f'{v:.0%}' for v in s.values())}]"
-        for kind, s in by_haystack.items()
+    by_haystack = row.get("passkey_by_haystack", {"filler": row.get("passkey", {})})
+    passkeys = (
+        " ".join(
+            f"{kind}={np.mean(list(s.values())):.0%} [{' '.join(f'{v:.0%}' for v in s.values())}]"
+            for kind, s in by_haystack.items()
+            if s
+        )
+        or "-"
     )
     return (
         f"{name:34s} L={row['layers']:2d} keys/q={row['keys_per_query']:7.0f} "
@@ -559,8 +566,8 @@ def markdown_table(results: dict) -> str:
             return f"{value:.3f} ({value / exact[f'ppl_{text}'] - 1:+.1%})"
 
         def passkey(kind, row=row):
-            scores = row.get("passkey_by_haystack", {"filler": row["passkey"]}).get(kind)
-            if scores is None:
+            scores = row.get("passkey_by_haystack", {"filler": row.get("passkey")}).get(kind)
+            if not scores:
                 return "-"
             depths = " ".join(f"{v:.0%}" for v in scores.values())
             return f"{np.mean(list(scores.values())):.0%} ({depths})"
@@ -687,6 +694,7 @@ def main(argv=None) -> None:
                         help="teacher: the answer teacher-forced in the prefill; generate: "
                              "greedy decoding after the prompt")  # fmt: skip
     parser.add_argument("--no-ppl", action="store_true", help="run: passkeys only")
+    parser.add_argument("--no-passkey", action="store_true", help="run: perplexity only")
     parser.add_argument("--kernel-level", action="store_true")
     parser.add_argument("--asset", default=None)
     parser.add_argument("--redo", action="store_true")

@@ -321,11 +321,14 @@ def _row_scores_kernel(
             _store_scores(SCORES, row_base, pair_ok, share, row_ok, j, n_keys, KB, TG * HGP, SP)
         cand_row = (b * q_heads + h0).to(tl.int64) * n_coarse + ct
         n_cand = tl.load(CAND_NUM + cand_row, mask=~every, other=0)
-        for e in range(0, n_cand):
-            j = tl.load(CAND_IDX + cand_row * cand_width + e)
+        cand_ids = CAND_IDX + cand_row * cand_width
+        j = tl.load(cand_ids, mask=n_cand > 0, other=0)
+        for e in range(0, n_cand):  # the next id loads while this block is scored
+            j_next = tl.load(cand_ids + e + 1, mask=e + 1 < n_cand, other=0)
             share = _block_share(x, k_base, stride_kn, j, rows, norm2, n_keys, D, BLOCK_D, KB,
                                  KC, not CAUSAL, CAUSAL, PRECISION)  # fmt: skip
             _store_scores(SCORES, row_base, pair_ok, share, row_ok, j, n_keys, KB, TG * HGP, SP)
+            j = j_next
     mid = tl.minimum(tl.maximum(unmasked, near), n_visit)
     for j in range(near, mid):
         share = _block_share(x, k_base, stride_kn, j, rows, norm2, n_keys, D, BLOCK_D, KB, KC,

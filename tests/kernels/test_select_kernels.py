@@ -90,6 +90,28 @@ def test_block_lists_equal_the_reference_selection(params, shape, causal, score)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_coarse_tiles_are_skipped_only_where_they_change_nothing(causal):
+    """Where ``coarse_prunes`` says no coarse tile keeps fewer candidates than it has, the GPU
+    ranks every block for every tile: the reference's choice with coarse tiles must be the
+    same. Lengths around the first that prunes, for several coarse sizes and budgets."""
+    gen = torch.Generator().manual_seed(5)
+    pruned = kept = 0
+    for coarse, keep, n in ((2, 2, 100), (2, 1, 150), (2, 1, 200), (3, 2, 260), (4, 1, 300),
+                            (4, 2, 420)):  # fmt: skip
+        cfg = SELECT.replace(select_coarse=coarse, select_candidates=keep, select_block=16,
+                             query_block=16, window=32, sinks=20)  # fmt: skip
+        q = torch.randn(1, 1, 2, n, 16, generator=gen)
+        k = torch.randn(1, 1, n, 16, generator=gen)
+        if coarse_prunes(n, n, cfg, causal):
+            pruned += 1
+            continue
+        kept += 1
+        full = select_block_mask(q, k, cfg.replace(select_coarse=1), causal)
+        assert torch.equal(select_block_mask(q, k, cfg, causal), full), (coarse, keep, n)
+    assert pruned and kept  # both sides of the rule are exercised
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_rows_cap_each_keys_share_as_the_reference(causal):
     """Keys that outscore the rest by far more than exp(ROW_SHARE_CAP): far away, their blocks
     tie at the cap (the nearest wins, not the strongest); in the local span, every candidate
